@@ -1,0 +1,234 @@
+"""Command line: argument parsing only. Parse -> config -> call the API."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from selfsight.errors import SelfsightError
+
+EPILOG = "Run `selfsight COMMAND --help` for a command's options."
+
+
+def _add_backbone_args(p: argparse.ArgumentParser, default_help: str) -> None:
+    p.add_argument("--backbone", help=f"timm model name ({default_help})")
+    p.add_argument(
+        "--backbone-opt",
+        action="append",
+        default=None,
+        metavar="KEY=VALUE",
+        help="timm.create_model option, repeatable: img_size=32, patch_size=4, in_chans=1, depths=2,2,6,2",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="selfsight", description="Self-supervised pre-training of timm backbones.", epilog=EPILOG
+    )
+    parser.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pretrain", help="pre-train a backbone on unlabeled images")
+    p.add_argument("--method", help="pre-training method (default simmim); see `selfsight methods`")
+    _add_backbone_args(p, "default: a 1.2M-parameter ViT for 28-px gray images")
+    p.add_argument(
+        "--data",
+        help="image folder, IDX folder[:train|:test] or CIFAR folder[:train|:test] (default: Debian's Fashion-MNIST)",
+    )
+    p.add_argument("--out", help="run directory (default runs/pretrain)")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--steps", type=int, help="optimiser steps (default 1000)")
+    budget.add_argument("--epochs", type=float, help="passes over the data")
+    budget.add_argument("--minutes", type=float, help="wall-clock budget; steps are planned from a timed step")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--log-every", type=int, help="steps between metrics.jsonl records")
+    p.add_argument("--ckpt-every", type=int, help="steps between checkpoints")
+    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:1 ...")
+    p.add_argument("--precision", choices=["fp32", "bf16"])
+    p.add_argument("--num-workers", type=int, help="DataLoader workers for large image folders")
+    p.add_argument("--config", help="YAML file with options (e.g. a run's config.yaml)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="any config option: lr=1e-3, optim.warmup_fraction=0.1, mask_ratio=0.5",
+    )
+
+    e = sub.add_parser("eval", help="k-NN, linear probe or fine-tuning with few labels")
+    e.add_argument("kind", choices=["knn", "linear", "finetune"])
+    e.add_argument("--run", help="pre-trained run directory")
+    e.add_argument(
+        "--init",
+        choices=["pretrained", "scratch"],
+        default="pretrained",
+        help="scratch: the same protocol from random weights (needs --backbone)",
+    )
+    _add_backbone_args(e, "for --init scratch")
+    e.add_argument("--train-data", help="labeled training data (default: Fashion-MNIST train)")
+    e.add_argument("--test-data", help="labeled test data (default: Fashion-MNIST test)")
+    few = e.add_mutually_exclusive_group()
+    few.add_argument("--labels-per-class", type=int, help="use N labeled images per class (fixed seed)")
+    few.add_argument("--label-fraction", type=float, help="use this fraction of the labels (fixed seed)")
+    e.add_argument("--layer", type=int, default=-1, help="block/stage to read features from (knn, linear)")
+    e.add_argument("--pool", default="avg", choices=["avg", "cls", "default"], help="feature pooling")
+    e.add_argument("--k", type=int, default=20, help="neighbours for knn")
+    e.add_argument("--temperature", type=float, default=0.07, help="knn vote temperature")
+    e.add_argument("--epochs", type=int, help="linear/finetune epochs")
+    e.add_argument("--lr", type=float, help="linear/finetune learning rate")
+    e.add_argument("--layer-decay", type=float, help="finetune layer-wise lr decay")
+    e.add_argument("--batch-size", type=int)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--device", default="auto")
+    e.add_argument("--out", help="where to write the result JSON (default: the run directory)")
+
+    x = sub.add_parser("export", help="write model.safetensors + config.json that timm loads")
+    x.add_argument("run", help="run directory")
+    x.add_argument("--out", required=True, help="output directory")
+
+    d = sub.add_parser("demo", help="pre-train on Fashion-MNIST, then compare with scratch on 600 labels")
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--minutes", type=float, default=8.0, help="pre-training budget")
+    d.add_argument("--labels-per-class", type=int, default=60)
+    d.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX folder")
+    d.add_argument("--device", default="auto")
+
+    sub.add_parser("methods", help="list the pre-training methods")
+    return parser
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from selfsight.backbones import parse_backbone_opts
+    from selfsight.config import build_config
+    from selfsight.engine import pretrain
+
+    config_file = args.config
+    if args.resume and config_file is None and args.out and (Path(args.out) / "config.yaml").is_file():
+        config_file = Path(args.out) / "config.yaml"
+    if args.resume and not args.out:
+        raise SystemExit("selfsight: error: --resume needs --out RUN (the run to continue)")
+    backbone_opts = None
+    if args.backbone is not None or args.backbone_opt is not None:
+        backbone_opts = parse_backbone_opts(args.backbone_opt)
+    cfg = build_config(
+        config_file,
+        args.overrides,
+        method=args.method,
+        backbone=args.backbone,
+        backbone_opts=backbone_opts,
+        data=args.data,
+        out=args.out,
+        steps=args.steps,
+        epochs=args.epochs,
+        minutes=args.minutes,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        log_every=args.log_every,
+        ckpt_every=args.ckpt_every,
+        device=args.device,
+        precision=args.precision,
+        num_workers=args.num_workers,
+    )
+    summary = pretrain(cfg, resume=args.resume, progress=not args.no_progress)
+    print(
+        f"done: {summary['steps']} steps, {summary['images_seen']} images in {summary['minutes']:.1f} min "
+        f"({summary['img_per_s']:.0f} img/s), final loss {summary['final_loss']:.4f}; run in {summary['run_dir']}"
+    )
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from selfsight.backbones import parse_backbone_opts
+    from selfsight.config import DEFAULT_DATA, DEFAULT_TEST_DATA
+    from selfsight.eval.api import EvalConfig, evaluate
+
+    cfg = EvalConfig(
+        kind=args.kind,
+        run=args.run,
+        init=args.init,
+        backbone=args.backbone,
+        backbone_opts=parse_backbone_opts(args.backbone_opt),
+        train_data=args.train_data or DEFAULT_DATA,
+        test_data=args.test_data or DEFAULT_TEST_DATA,
+        labels_per_class=args.labels_per_class,
+        label_fraction=args.label_fraction,
+        layer=args.layer,
+        pool=args.pool,
+        k=args.k,
+        temperature=args.temperature,
+        epochs=args.epochs,
+        lr=args.lr,
+        layer_decay=args.layer_decay,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        device=args.device,
+        out=args.out,
+    )
+    evaluate(cfg)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from selfsight.checkpoint import export_run
+
+    info = export_run(args.run, args.out)
+    opts = ", ".join(f"{k}={v!r}" for k, v in info["model_args"].items())
+    print(f"wrote {info['weights']} ({info['tensors']} tensors) and {info['config']}")
+    print(
+        f"load it: timm.create_model({info['architecture']!r}, pretrained=True, num_classes=0, {opts}, "
+        f"pretrained_cfg_overlay=dict(file={info['weights']!r}))"
+    )
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from selfsight.demo import run_demo
+
+    run_demo(
+        args.out,
+        minutes=args.minutes,
+        labels_per_class=args.labels_per_class,
+        data_dir=args.data_dir,
+        device=args.device,
+    )
+    return 0
+
+
+def _methods(_: argparse.Namespace) -> int:
+    from selfsight.registry import get_method_class, list_methods
+
+    for name in list_methods():
+        doc = (get_method_class(name).__doc__ or "").strip().splitlines()[0]
+        print(f"{name:10s} {doc}")
+    return 0
+
+
+COMMANDS = {"pretrain": _pretrain, "eval": _eval, "export": _export, "demo": _demo, "methods": _methods}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
+    from selfsight.engine import Interrupted
+
+    try:
+        return COMMANDS[args.command](args)
+    except Interrupted as exc:
+        print(f"selfsight: {exc}", file=sys.stderr)
+        return 130
+    except SelfsightError as exc:
+        if args.debug:
+            raise
+        print(f"selfsight: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("selfsight: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

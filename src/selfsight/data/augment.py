@@ -1,0 +1,119 @@
+"""Batched augmentation on image tensors, on any device.
+
+Each random op is split in two: `sample_*` draws per-sample parameters from an explicit CPU
+`torch.Generator` (so a seed gives the same parameters on CPU and CUDA), and a deterministic
+`apply`-style function uses them in one batched op on the tensor's device. The `random_*`
+functions chain both. No Python loop over images.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+# Candidate boxes drawn per sample before falling back to clamping (as torchvision tries 10 times).
+_CROP_ATTEMPTS = 10
+
+
+def to_float(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """x: uint8 [B, C, H, W] -> float [B, C, H, W] in [0, 1]."""
+    return x.to(dtype).div_(255.0)
+
+
+def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """(x - mean) / std per channel. x: float [B, C, H, W]; mean, std: C values each."""
+    mean_t = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    std_t = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return (x - mean_t) / std_t
+
+
+def sample_crop_boxes(
+    batch_size: int,
+    height: int,
+    width: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    *,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """Crop boxes as torchvision's RandomResizedCrop samples them, for a whole batch at once.
+
+    Per sample, up to 10 candidates: area = H * W * U(scale), aspect w/h log-uniform in ratio;
+    the first candidate that fits is kept, else the first one clamped to the image. The position
+    is uniform over where the box fits. Boxes are continuous (sub-pixel), in pixel-edge units.
+    generator: a CPU generator. Returns float32 [B, 4] = (left, top, width, height) on the CPU.
+    """
+    area = height * width * torch.empty(batch_size, _CROP_ATTEMPTS).uniform_(*scale, generator=generator)
+    log_ratio = torch.empty(batch_size, _CROP_ATTEMPTS).uniform_(
+        math.log(ratio[0]), math.log(ratio[1]), generator=generator
+    )
+    aspect = log_ratio.exp()
+    box_w = (area * aspect).sqrt()
+    box_h = (area / aspect).sqrt()
+    fits = (box_w <= width) & (box_h <= height)
+    first_fit = torch.where(fits.any(dim=1), fits.to(torch.int8).argmax(dim=1), 0).unsqueeze(1)
+    box_w = box_w.gather(1, first_fit).squeeze(1).clamp(max=width)
+    box_h = box_h.gather(1, first_fit).squeeze(1).clamp(max=height)
+    position = torch.rand(batch_size, 2, generator=generator)
+    left = position[:, 0] * (width - box_w)
+    top = position[:, 1] * (height - box_h)
+    return torch.stack([left, top, box_w, box_h], dim=1)
+
+
+def crop_and_resize(x: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """Resamples box i of image i to size x size (bilinear, align_corners=False, border padding).
+
+    x: float [B, C, H, W]; boxes: [B, 4] (left, top, width, height) in pixels -> [B, C, size, size].
+    One affine_grid + grid_sample; no antialiasing, so shrinking a box a lot aliases.
+    """
+    batch, channels, height, width = x.shape
+    boxes = boxes.to(device=x.device, dtype=x.dtype)
+    left, top, box_w, box_h = boxes.unbind(dim=1)
+    # Normalized coordinates: -1 and +1 are the outer edges of the image (align_corners=False).
+    theta = torch.zeros(batch, 2, 3, dtype=x.dtype, device=x.device)
+    theta[:, 0, 0] = box_w / width
+    theta[:, 0, 2] = (2 * left + box_w) / width - 1
+    theta[:, 1, 1] = box_h / height
+    theta[:, 1, 2] = (2 * top + box_h) / height - 1
+    grid = F.affine_grid(theta, [batch, channels, size, size], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def random_resized_crop(
+    x: torch.Tensor,
+    size: int,
+    scale: tuple[float, float] = (0.67, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    *,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """x: float [B, C, H, W] -> [B, C, size, size], one random box per sample (see sample_crop_boxes).
+
+    generator: a CPU torch.Generator; x may be on any device.
+    """
+    if not x.is_floating_point():
+        raise TypeError(f"random_resized_crop needs a float tensor, got {x.dtype} (use to_float first)")
+    boxes = sample_crop_boxes(x.shape[0], x.shape[2], x.shape[3], scale, ratio, generator=generator)
+    return crop_and_resize(x, boxes, size)
+
+
+def sample_flips(batch_size: int, p: float, *, generator: torch.Generator) -> torch.Tensor:
+    """bool [B]: True where a sample is flipped, i.e. torch.rand(B, generator=generator) < p (CPU)."""
+    return torch.rand(batch_size, generator=generator) < p
+
+
+def hflip_where(x: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """Mirrors left-right the samples where flip is True. x: [B, C, H, W]; flip: bool [B]."""
+    flip = flip.to(x.device).view(-1, 1, 1, 1)
+    return torch.where(flip, x.flip(-1), x)
+
+
+def random_hflip(x: torch.Tensor, p: float = 0.5, *, generator: torch.Generator) -> torch.Tensor:
+    """x: [B, C, H, W] -> [B, C, H, W], each sample mirrored with probability p.
+
+    generator: a CPU torch.Generator; x may be on any device.
+    """
+    return hflip_where(x, sample_flips(x.shape[0], p, generator=generator))

@@ -1,0 +1,172 @@
+"""Batched iteration with an exact, resumable position.
+
+The content of global batch b is a pure function of (seed, b): epoch e = b // batches_per_epoch
+is a permutation of range(N) drawn from torch.Generator().manual_seed(seed * 1_000_003 + e), and
+batch b takes the slice (b % batches_per_epoch) * B ... + B of it (the last incomplete batch of each
+epoch is dropped). A run resumed at start_batch=k therefore sees exactly batches k, k+1, ...
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from selfsight.data.imageset import ImageSet, InMemoryImages
+from selfsight.errors import DataError
+
+EPOCH_SEED_STRIDE = 1_000_003
+
+Batch = tuple[torch.Tensor, torch.Tensor | None]  # (images uint8 [B, C, S, S], labels int64 [B] or None)
+
+
+def epoch_permutation(num_images: int, seed: int, epoch: int, shuffle: bool = True) -> torch.Tensor:
+    """int64 [N]: the order of epoch `epoch` (range(N) itself when not shuffling)."""
+    if not shuffle:
+        return torch.arange(num_images)
+    generator = torch.Generator().manual_seed(seed * EPOCH_SEED_STRIDE + epoch)
+    return torch.randperm(num_images, generator=generator)
+
+
+class BatchIndexer:
+    """Maps a global batch index to image indices; caches the current epoch's permutation."""
+
+    def __init__(self, num_images: int, batch_size: int, seed: int, shuffle: bool = True) -> None:
+        self.num_images = num_images
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.batches_per_epoch = num_images // batch_size
+        self._epoch = -1
+        self._order = torch.empty(0, dtype=torch.int64)
+
+    def indices(self, batch: int) -> torch.Tensor:
+        """int64 [batch_size]: the image indices of global batch `batch`."""
+        epoch, position = divmod(batch, self.batches_per_epoch)
+        if epoch != self._epoch:
+            self._order = epoch_permutation(self.num_images, self.seed, epoch, self.shuffle)
+            self._epoch = epoch
+        start = position * self.batch_size
+        return self._order[start:start + self.batch_size]
+
+
+def _load(images: ImageSet, indices: torch.Tensor) -> Batch:
+    pixels, sources = images.load_batch(indices)
+    return pixels, images.batch_labels(sources)
+
+
+class _GlobalBatches(Dataset):
+    """Map-style data set whose item b is the whole global batch b (built inside a worker)."""
+
+    def __init__(self, images: ImageSet, indexer: BatchIndexer) -> None:
+        self.images = images
+        self.indexer = indexer
+
+    def __getitem__(self, batch: int) -> Batch:
+        return _load(self.images, self.indexer.indices(batch))
+
+
+class _CountFrom(Sampler[int]):
+    """Yields start, start + 1, ... forever."""
+
+    def __init__(self, start: int) -> None:
+        self.start = start
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.count(self.start)
+
+
+class _InOrderChunks(Dataset):
+    """Item k is images [k * B, min(N, (k + 1) * B)) in file order."""
+
+    def __init__(self, images: ImageSet, batch_size: int) -> None:
+        self.images = images
+        self.batch_size = batch_size
+
+    def __len__(self) -> int:
+        return -(-self.images.num_images // self.batch_size)
+
+    def __getitem__(self, chunk: int) -> Batch:
+        start = chunk * self.batch_size
+        return _load(self.images, torch.arange(start, min(self.images.num_images, start + self.batch_size)))
+
+
+def _pin(batch: Batch) -> Batch:
+    images, labels = batch
+    return images.pin_memory(), None if labels is None else labels.pin_memory()
+
+
+class BatchStream:
+    """Yields (images uint8 [B, C, S, S], labels int64 [B] or None) for global batch indices
+    start_batch, start_batch + 1, ... forever (epochs roll over).
+
+    Batch b belongs to epoch b // batches_per_epoch; each epoch is a permutation of range(N) drawn
+    from torch.Generator().manual_seed(seed * 1_000_003 + epoch); the last incomplete batch of an
+    epoch is dropped. So the batch content is a pure function of (seed, b): a resumed run sees
+    exactly the same data. In-memory sets are indexed in the main process; lazy folders are decoded
+    by a DataLoader with `num_workers` workers, each building whole batches.
+    """
+
+    def __init__(
+        self,
+        images: ImageSet,
+        batch_size: int,
+        seed: int,
+        start_batch: int = 0,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        shuffle: bool = True,
+    ) -> None:
+        if batch_size < 1:
+            raise DataError(f"batch size must be positive for {images.description}, got {batch_size}")
+        if batch_size > images.num_images:
+            raise DataError(
+                f"batch size {batch_size} is larger than the {images.num_images} images of "
+                f"{images.description}"
+            )
+        if start_batch < 0:
+            raise DataError(f"start_batch must be >= 0, got {start_batch}")
+        self.images = images
+        self.batch_size = batch_size
+        self.seed = seed
+        self.start_batch = start_batch
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory and torch.cuda.is_available()
+        self.shuffle = shuffle
+        self.batches_per_epoch = images.num_images // batch_size
+
+    def batch_indices(self, batch: int) -> torch.Tensor:
+        """int64 [B]: the image indices of global batch `batch` (a pure function of seed and batch)."""
+        return BatchIndexer(self.images.num_images, self.batch_size, self.seed, self.shuffle).indices(batch)
+
+    def __iter__(self) -> Iterator[Batch]:
+        indexer = BatchIndexer(self.images.num_images, self.batch_size, self.seed, self.shuffle)
+        if isinstance(self.images, InMemoryImages):
+            for batch in itertools.count(self.start_batch):
+                loaded = _load(self.images, indexer.indices(batch))
+                yield _pin(loaded) if self.pin_memory else loaded
+            return
+        loader = DataLoader(
+            _GlobalBatches(self.images, indexer),
+            batch_size=None,  # items are whole batches already
+            sampler=_CountFrom(self.start_batch),
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=False,
+        )
+        yield from loader
+
+
+def iterate_in_order(images: ImageSet, batch_size: int, num_workers: int = 0) -> Iterator[Batch]:
+    """All images once, in order, as (uint8 [b, C, S, S], labels int64 [b] or None); the last batch
+    may be smaller. Lazy folders are decoded by `num_workers` DataLoader workers when > 0."""
+    if batch_size < 1:
+        raise DataError(f"batch size must be positive for {images.description}, got {batch_size}")
+    chunks = _InOrderChunks(images, batch_size)
+    if isinstance(images, InMemoryImages) or num_workers == 0:
+        for chunk in range(len(chunks)):
+            yield chunks[chunk]
+        return
+    yield from DataLoader(chunks, batch_size=None, shuffle=False, num_workers=num_workers)

@@ -1,0 +1,381 @@
+"""The method-agnostic training loop: device, bf16 autocast, gradient accumulation, warm-up + cosine
+schedule, clipping, logging, atomic checkpoints, exact resume, Ctrl-C and NaN handling.
+
+Exact resume: the batch of micro-step ``b`` and every random draw of that step (crops, flips, masks)
+are pure functions of ``(seed, b)``; the global torch RNG (dropout, drop-path) is saved in the
+checkpoint. A run interrupted at step k and resumed therefore repeats the uninterrupted run's
+losses bit for bit on CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import random
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from selfsight.backbones import Backbone
+from selfsight.checkpoint import list_checkpoints, load_latest_checkpoint, save_checkpoint
+from selfsight.config import PretrainConfig, save_config, to_dict
+from selfsight.data import BatchStream, open_images
+from selfsight.errors import ConfigError, TrainingError
+from selfsight.methods.base import Method
+from selfsight.registry import create_method
+
+log = logging.getLogger("selfsight")
+
+
+class Interrupted(Exception):
+    """Raised after Ctrl-C once a checkpoint has been saved."""
+
+    def __init__(self, step: int, path: Path) -> None:
+        super().__init__(f"interrupted at step {step}; checkpoint saved to {path}; continue with --resume")
+        self.step = step
+        self.path = path
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {name} asked for, but CUDA is not available here")
+    return torch.device(name)
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
+    """Linear warm-up from 0 over ``warmup_steps``, then cosine decay from 1 to ``min_ratio``."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def step_generator(seed: int, micro_step: int) -> torch.Generator:
+    """The (CPU) generator for every random draw of one micro-step: a pure function of (seed, micro_step).
+
+    Random parameters are drawn on the CPU and moved to the training device, so a seed gives the
+    same crops and masks on CPU and CUDA.
+    """
+    gen = torch.Generator()
+    gen.manual_seed((seed * 1_000_003 + micro_step * 7919 + 12345) % (2**63))
+    return gen
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def setup_run_logging(run_dir: Path) -> logging.Handler:
+    """Log to ``run_dir/train.log`` (and stderr, where the CLI set it up)."""
+    handler = logging.FileHandler(run_dir / "train.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("selfsight")
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    return handler
+
+
+class StopRequest:
+    """Turns the first Ctrl-C (SIGINT) into a flag the loop checks between steps, so the checkpoint
+    written on the way out is consistent; a second Ctrl-C interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("Ctrl-C: finishing this step, saving a checkpoint, then stopping (Ctrl-C again to abort)")
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+class Trainer:
+    """One pre-training run. ``Trainer(cfg, resume).fit()`` returns a summary dict."""
+
+    def __init__(self, cfg: PretrainConfig, resume: bool = False, progress: bool = True) -> None:
+        self.cfg = cfg
+        self.progress = progress
+        self.run_dir = Path(cfg.out)
+        self.device = resolve_device(cfg.device)
+        resume_state = None
+        if resume:
+            resume_state, self.resumed_from = load_latest_checkpoint(self.run_dir)
+        elif list_checkpoints(self.run_dir):
+            raise ConfigError(
+                f"{self.run_dir} already holds checkpoints: add --resume to continue that run, or choose another --out"
+            )
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.log_handler = setup_run_logging(self.run_dir)
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+
+        backbone = Backbone(cfg.backbone, cfg.backbone_opts)
+        self.images = open_images(cfg.data, backbone.in_chans, backbone.img_size, progress=progress)
+        if resume_state is not None:
+            mean, std = resume_state["norm"]["mean"], resume_state["norm"]["std"]
+        else:
+            mean, std = self.images.mean_std()
+        self.method: Method = create_method(cfg.method, backbone, cfg.method_config, mean, std).to(self.device)
+        groups = self.method.param_groups(cfg.optim.weight_decay)
+        fused = {"fused": True} if self.device.type == "cuda" else {}
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas, **fused)
+        self.accum = cfg.optim.accum_steps
+        self.step = 0
+        self.elapsed_before = 0.0
+        if resume_state is not None:
+            self._load_state(resume_state)
+            log.info("resuming %s from step %d (%s)", self.run_dir, self.step, self.resumed_from.name)
+        else:
+            self.total_steps = self._plan_steps()
+        self.warmup_steps = (
+            cfg.optim.warmup_steps
+            if cfg.optim.warmup_steps is not None
+            else int(round(cfg.optim.warmup_fraction * self.total_steps))
+        )
+        self._write_run_files(mean, std)
+
+    # --- planning -----------------------------------------------------------------------------
+    def _plan_steps(self) -> int:
+        cfg = self.cfg
+        per_epoch = max(1, self.images.num_images // (cfg.batch_size * self.accum))
+        if cfg.steps is not None:
+            return int(cfg.steps)
+        if cfg.epochs is not None:
+            return max(1, int(round(cfg.epochs * per_epoch)))
+        seconds = self._time_one_step()
+        steps = max(1, int(cfg.minutes * 60 * 0.97 / seconds))
+        log.info("budget %.1f min: %.3f s per step measured, planning %d steps", cfg.minutes, seconds, steps)
+        return steps
+
+    def _time_one_step(self, warm: int = 2, timed: int = 5) -> float:
+        """Seconds per optimiser step, measured on a copy of the model (the run itself is untouched)."""
+        saved_rng = rng_state()
+        method = copy.deepcopy(self.method)
+        optimizer = torch.optim.AdamW(method.param_groups(0.0), lr=0.0)
+        batches = self._batches(0)
+        start = 0.0
+        for i in range(warm + timed):
+            if i == warm:
+                self._sync()
+                start = time.perf_counter()
+            for micro in range(self.accum):
+                images, _ = next(batches)
+                out = method.training_step(images, step_generator(self.cfg.seed, micro))
+                (out.loss / self.accum).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        self._sync()
+        seconds = (time.perf_counter() - start) / timed
+        del method, optimizer
+        set_rng_state(saved_rng)
+        return seconds
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _batches(self, start_batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        stream = BatchStream(
+            self.images,
+            self.cfg.batch_size,
+            self.cfg.seed,
+            start_batch=start_batch,
+            num_workers=self.cfg.num_workers,
+            pin_memory=self.device.type == "cuda",
+        )
+        for images, labels in stream:
+            yield images.to(self.device, non_blocking=True), labels
+
+    # --- state --------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "model": self.method.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": {"total_steps": self.total_steps},
+            "data_position": {"next_batch": self.step * self.accum, "seed": self.cfg.seed},
+            "rng": rng_state(),
+            "norm": {"mean": self.method.mean.flatten().tolist(), "std": self.method.std.flatten().tolist()},
+            "elapsed_s": self.elapsed_before + (time.perf_counter() - self.start_time),
+            "config": to_dict(self.cfg),
+        }
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        self.method.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        self.total_steps = int(state["schedule"]["total_steps"])
+        self.elapsed_before = float(state.get("elapsed_s", 0.0))
+        set_rng_state(state["rng"])
+        self._trim_metrics(self.step)
+
+    def _trim_metrics(self, step: int) -> None:
+        """Drop metric lines logged after the checkpoint we resume from (they will be logged again)."""
+        path = self.run_dir / "metrics.jsonl"
+        if path.exists():
+            lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+            path.write_text("".join(ln + "\n" for ln in lines))
+
+    def _write_run_files(self, mean: list[float], std: list[float]) -> None:
+        save_config(self.cfg, self.run_dir / "config.yaml")
+        info = {
+            "method": self.cfg.method,
+            "backbone": self.method.backbone.describe(),
+            "mean": [float(v) for v in mean],
+            "std": [float(v) for v in std],
+            "data": self.images.summary(),
+            "total_steps": self.total_steps,
+            "batch_size": self.cfg.batch_size * self.accum,
+        }
+        (self.run_dir / "run.json").write_text(json.dumps(info, indent=2))
+
+    def save(self) -> Path:
+        return save_checkpoint(self.state_dict(), self.run_dir, self.step, keep=self.cfg.keep_checkpoints)
+
+    # --- the loop -----------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        cfg = self.cfg
+        self.start_time = time.perf_counter()
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if cfg.precision == "bf16" else nullcontext()
+        batches = self._batches(self.step * self.accum)
+        batch_images = cfg.batch_size * self.accum
+        time_limit = cfg.minutes * 60 if cfg.minutes is not None else math.inf
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.step,
+            desc=f"{cfg.method} {self.method.backbone.name}",
+            disable=not self.progress,
+            dynamic_ncols=True,
+            file=sys.stderr,
+        )
+        metrics_file = open(self.run_dir / "metrics.jsonl", "a")
+        self.method.train()
+        window_start, window_steps, start_step = time.perf_counter(), 0, self.step
+        last_loss = float("nan")
+        with StopRequest() as stop:
+            try:
+                while self.step < self.total_steps:
+                    if stop.requested:
+                        bar.close()
+                        path = self.save()
+                        raise Interrupted(self.step, path)
+                    if self.elapsed_before + time.perf_counter() - self.start_time > time_limit:
+                        log.info(
+                            "time budget of %.1f min reached at step %d of %d", cfg.minutes, self.step, self.total_steps
+                        )
+                        break
+                    factor = lr_factor(self.step, self.total_steps, self.warmup_steps, cfg.optim.min_lr_ratio)
+                    for group in self.optimizer.param_groups:
+                        group["lr"] = cfg.optim.lr * factor * group.get("lr_scale", 1.0)
+                    loss_sum = 0.0
+                    extra: dict[str, float] = {}
+                    for micro in range(self.accum):
+                        images, _ = next(batches)
+                        generator = step_generator(cfg.seed, self.step * self.accum + micro)
+                        with autocast:
+                            out = self.method.training_step(images, generator)
+                        loss_value = out.loss.item()
+                        if not math.isfinite(loss_value):
+                            kept = list_checkpoints(self.run_dir)
+                            where = (
+                                f"the last good checkpoint is {kept[0]}" if kept else "no checkpoint was written yet"
+                            )
+                            raise TrainingError(
+                                f"loss is {loss_value} at step {self.step}; stopping ({where}; "
+                                "try a lower lr or fp32, then --resume)"
+                            )
+                        (out.loss / self.accum).backward()
+                        loss_sum += loss_value
+                        extra = out.metrics
+                    grad_norm = None
+                    if cfg.optim.clip_grad > 0:
+                        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.method.parameters(), cfg.optim.clip_grad))
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.method.on_step_end(self.step, self.total_steps)
+                    self.step += 1
+                    window_steps += 1
+                    last_loss = loss_sum / self.accum
+                    bar.update(1)
+                    if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                        now = time.perf_counter()
+                        throughput = window_steps * batch_images / max(now - window_start, 1e-9)
+                        record = {
+                            "step": self.step,
+                            "loss": last_loss,
+                            "lr": cfg.optim.lr * factor,
+                            "img_per_s": round(throughput, 2),
+                            "epoch": round(self.step * batch_images / self.images.num_images, 4),
+                            "elapsed_s": round(self.elapsed_before + now - self.start_time, 2),
+                            **({"grad_norm": grad_norm} if grad_norm is not None else {}),
+                            **extra,
+                        }
+                        metrics_file.write(json.dumps(record) + "\n")
+                        metrics_file.flush()
+                        bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{throughput:.0f}")
+                        window_start, window_steps = now, 0
+                    if self.step % cfg.ckpt_every == 0 and self.step < self.total_steps:
+                        self.save()
+            finally:
+                bar.close()
+                metrics_file.close()
+                logging.getLogger("selfsight").removeHandler(self.log_handler)
+                self.log_handler.close()
+        path = self.save()
+        elapsed = self.elapsed_before + time.perf_counter() - self.start_time
+        run_seconds = time.perf_counter() - self.start_time
+        summary = {
+            "method": cfg.method,
+            "backbone": self.method.backbone.name,
+            "steps": self.step,
+            "planned_steps": self.total_steps,
+            "images_seen": self.step * batch_images,
+            "minutes": round(elapsed / 60, 3),
+            "img_per_s": round((self.step - start_step) * batch_images / max(run_seconds, 1e-9), 2),
+            "final_loss": last_loss,
+            "checkpoint": str(path),
+            "run_dir": str(self.run_dir),
+        }
+        (self.run_dir / "pretrain.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+
+def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Pre-train ``cfg.backbone`` with ``cfg.method`` on ``cfg.data``; returns a summary dict."""
+    return Trainer(cfg, resume=resume, progress=progress).fit()

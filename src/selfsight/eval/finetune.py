@@ -1,0 +1,229 @@
+"""Fine-tuning a backbone plus a new linear head on a few labeled images.
+
+The recipe follows the BEiT/MAE fine-tuning protocol, shrunk for small data: AdamW, linear
+warmup then cosine decay per step, layer-wise learning-rate decay (timm's
+``param_groups_layer_decay``), label smoothing, and batched random-resized-crop + flip on tensors.
+Deterministic for a seed on the CPU; the global RNG state is left as it was.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from timm.optim import param_groups_layer_decay
+from torch import nn
+from tqdm.auto import tqdm
+
+from selfsight.backbones import Backbone
+from selfsight.data import ImageSet
+from selfsight.data.augment import normalize, random_hflip, random_resized_crop, to_float
+from selfsight.errors import ConfigError, TrainingError
+from selfsight.eval.features import pixels_to_input
+
+FINETUNE_DEFAULTS = {
+    "epochs": 50,
+    "lr": 1e-3,
+    "layer_decay": 0.75,
+    "weight_decay": 0.05,
+    "batch_size": 64,
+    "warmup_epochs": 5,
+    "label_smoothing": 0.1,
+    "crop_scale": (0.5, 1.0),
+}
+
+
+class Classifier(nn.Module):
+    """A backbone and a linear head on its last-layer features.
+
+    ViT and Swin: mean of the last block's normalised tokens (``features(x, -1, 'avg')``);
+    other backbones: timm's own pooled features. The head starts at zero.
+    """
+
+    def __init__(self, backbone: Backbone, num_classes: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(backbone.num_features, num_classes)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, C, H, W] -> logits [B, num_classes]."""
+        if self.backbone.family in ("vit", "swin"):
+            feats = self.backbone.features(x, layer=-1, pool="avg")
+        else:
+            feats = self.backbone(x)
+        return self.head(feats)
+
+
+def layer_decay_param_groups(
+    classifier: Classifier, weight_decay: float, layer_decay: float
+) -> list[dict]:
+    """AdamW groups with an ``lr_scale`` each: timm's layer-wise decay for the backbone, 1 for the head.
+
+    Block ``i`` of ``L`` gets ``layer_decay ** (L + 1 - i)`` (the patch embedding the smallest);
+    biases, norms and the model's no-weight-decay parameters get no weight decay.
+    """
+    backbone = classifier.backbone
+    groups = param_groups_layer_decay(
+        backbone.model,
+        weight_decay=weight_decay,
+        no_weight_decay_list=sorted(backbone.no_weight_decay_names()),
+        layer_decay=layer_decay,
+    )
+    groups.append({"params": [classifier.head.weight], "weight_decay": weight_decay, "lr_scale": 1.0})
+    groups.append({"params": [classifier.head.bias], "weight_decay": 0.0, "lr_scale": 1.0})
+    return groups
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
+    """LR factor at ``step``: linear from 1/warmup up to 1, then cosine down to 0 at ``total_steps``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def batch_positions(num_items: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """Endless batches [batch_size] of positions in ``[0, num_items)``: consecutive seeded permutations
+    cut into equal batches, so every item is seen once per ``num_items`` draws."""
+    buffer = torch.zeros(0, dtype=torch.long)
+    while True:
+        while buffer.numel() < batch_size:
+            buffer = torch.cat([buffer, torch.randperm(num_items, generator=generator)])
+        yield buffer[:batch_size]
+        buffer = buffer[batch_size:]
+
+
+def augment_batch(
+    pixels: torch.Tensor,
+    mean: Sequence[float],
+    std: Sequence[float],
+    crop_scale: tuple[float, float],
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """uint8 [B, C, S, S] -> normalised float [B, C, S, S]: random resized crop, then random flip."""
+    x = to_float(pixels)
+    x = random_resized_crop(x, pixels.shape[-1], scale=crop_scale, generator=generator)
+    x = random_hflip(x, generator=generator)
+    return normalize(x, mean, std)
+
+
+@torch.no_grad()
+def classifier_top1(
+    classifier: nn.Module,
+    images: ImageSet,
+    mean: Sequence[float],
+    std: Sequence[float],
+    *,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+) -> float:
+    """Top-1 accuracy (fraction) of ``classifier`` over every labeled image of ``images``, in eval mode."""
+    if images.labels is None:
+        raise ConfigError(f"{images.description} has no labels to score against")
+    was_training = classifier.training
+    classifier.eval()
+    correct = 0
+    try:
+        for start in range(0, images.num_images, batch_size):
+            batch = torch.arange(start, min(start + batch_size, images.num_images))
+            pixels, sources = images.load_batch(batch)
+            logits = classifier(pixels_to_input(pixels, mean, std, device))
+            correct += int((logits.argmax(dim=1).cpu() == images.batch_labels(sources)).sum())
+    finally:
+        classifier.train(was_training)
+    return correct / max(1, images.num_images)
+
+
+@dataclass
+class FinetuneResult:
+    """Test top-1 (fraction), mean training loss per epoch, optimiser steps, the trained classifier."""
+
+    top1: float
+    train_loss: list[float]
+    steps: int
+    classifier: Classifier = field(repr=False)
+
+
+def finetune(
+    backbone: Backbone,
+    train_images: ImageSet,
+    train_indices: torch.Tensor,
+    test_images: ImageSet,
+    mean: Sequence[float],
+    std: Sequence[float],
+    num_classes: int,
+    *,
+    epochs: int = FINETUNE_DEFAULTS["epochs"],
+    lr: float = FINETUNE_DEFAULTS["lr"],
+    layer_decay: float = FINETUNE_DEFAULTS["layer_decay"],
+    weight_decay: float = FINETUNE_DEFAULTS["weight_decay"],
+    batch_size: int = FINETUNE_DEFAULTS["batch_size"],
+    warmup_epochs: float = FINETUNE_DEFAULTS["warmup_epochs"],
+    label_smoothing: float = FINETUNE_DEFAULTS["label_smoothing"],
+    crop_scale: tuple[float, float] = FINETUNE_DEFAULTS["crop_scale"],
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> FinetuneResult:
+    """Fine-tune ``backbone`` (in place) and a new head on ``train_indices`` of ``train_images``.
+
+    The run lasts ``ceil(epochs * len(train_indices) / batch_size)`` steps of ``batch_size`` images;
+    each group's LR is ``lr * lr_scale * warmup_cosine(step)``.
+
+    Args:
+        train_indices: LongTensor [N] of the labeled images used.
+        mean, std: per-channel normalisation in [0, 1] units.
+    Returns:
+        a :class:`FinetuneResult` scored on every image of ``test_images``.
+    """
+    train_indices = torch.as_tensor(train_indices).long()
+    num_items = train_indices.numel()
+    if num_items == 0:
+        raise ConfigError("fine-tuning needs at least one labeled training image")
+    if epochs < 1 or batch_size < 1 or lr <= 0:
+        raise ConfigError(f"fine-tune: epochs={epochs}, batch_size={batch_size}, lr={lr} must be positive")
+    if not 0.0 < layer_decay <= 1.0:
+        raise ConfigError(f"layer_decay must be in (0, 1], got {layer_decay}")
+    if train_images.labels is None:
+        raise ConfigError(f"{train_images.description} has no labels to fine-tune on")
+    steps_per_epoch = num_items / batch_size
+    total_steps = math.ceil(epochs * steps_per_epoch)
+    warmup_steps = min(total_steps, round(warmup_epochs * steps_per_epoch))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # dropout / drop-path draws
+        classifier = Classifier(backbone, num_classes).to(device)
+        optimizer = torch.optim.AdamW(layer_decay_param_groups(classifier, weight_decay, layer_decay), lr=lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group["lr_scale"]
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, warmup_steps, total_steps)
+        )
+        generator = torch.Generator().manual_seed(seed)
+        batches = batch_positions(num_items, batch_size, generator)
+        classifier.train()
+        losses = []
+        bar = tqdm(range(total_steps), desc="fine-tune", disable=not progress, leave=False)
+        for _ in bar:
+            pixels, sources = train_images.load_batch(train_indices[next(batches)])
+            labels = train_images.batch_labels(sources).to(device)
+            x = augment_batch(pixels.to(device), mean, std, crop_scale, generator)
+            loss = F.cross_entropy(classifier(x), labels, label_smoothing=label_smoothing)
+            if not torch.isfinite(loss):
+                raise TrainingError(f"fine-tuning diverged (loss {loss.item()}); lower lr (now {lr})")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        bar.close()
+    per_epoch = max(1, round(steps_per_epoch))
+    chunks = [losses[i : i + per_epoch] for i in range(0, total_steps, per_epoch)]
+    curve = [sum(chunk) / len(chunk) for chunk in chunks]
+    top1 = classifier_top1(classifier, test_images, mean, std, device=device)
+    return FinetuneResult(top1=top1, train_loss=curve, steps=total_steps, classifier=classifier)

@@ -1,0 +1,48 @@
+"""The small interface every method implements; the engine knows nothing else about methods."""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from selfsight.backbones import Backbone, param_groups
+
+
+@dataclass
+class StepOutput:
+    """What one training step returns: the loss to minimise and scalars to log."""
+
+    loss: torch.Tensor
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class Method(nn.Module, abc.ABC):
+    """Base of all methods: holds the backbone and the input normalisation.
+
+    Subclasses define ``Config`` (a dataclass), ``training_step`` and, when they keep momentum
+    encoders or schedules, ``on_step_end``.
+    """
+
+    Config: type
+    method_name: str
+
+    def __init__(self, backbone: Backbone, config, mean: list[float], std: list[float]) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.config = config
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    @abc.abstractmethod
+    def training_step(self, images: torch.Tensor, generator: torch.Generator) -> StepOutput:
+        """images: uint8 [B, C, S, S] on the training device; all randomness from ``generator``."""
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW groups; biases, norms, tokens and position embeddings get no weight decay."""
+        return param_groups(self, weight_decay, self.backbone.no_weight_decay_names())
+
+    def on_step_end(self, step: int, total_steps: int) -> None:
+        """Called after every optimiser step (momentum updates, schedules). Default: nothing."""

@@ -1,0 +1,186 @@
+import json
+import logging
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from conftest import TINY_VIT
+
+from selfsight.checkpoint import (
+    export_run,
+    list_checkpoints,
+    load_latest_checkpoint,
+    load_run_backbone,
+    save_checkpoint,
+)
+from selfsight.config import build_config, load_config
+from selfsight.engine import Interrupted, Trainer, lr_factor, pretrain
+from selfsight.errors import CheckpointError, ConfigError, TrainingError
+from selfsight.methods.simmim import SimMIM
+
+
+def config(idx_dir: Path, out: Path, **kw):
+    base = dict(
+        backbone=TINY_VIT[0],
+        backbone_opts=TINY_VIT[1],
+        data=f"{idx_dir}:train",
+        out=str(out),
+        steps=6,
+        batch_size=32,
+        log_every=1,
+        ckpt_every=3,
+        device="cpu",
+        num_workers=0,
+    )
+    base.update(kw)
+    return build_config(None, None, **base)
+
+
+def losses(run: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+
+
+def test_interrupted_and_resumed_run_repeats_losses_bit_for_bit(idx_dir, tmp_path, monkeypatch):
+    straight = tmp_path / "straight"
+    pretrain(config(idx_dir, straight, ckpt_every=100), progress=False)
+
+    broken = tmp_path / "broken"
+    calls = {"n": 0}
+    original = SimMIM.on_step_end
+
+    def interrupt_after_4(self, step, total):
+        original(self, step, total)
+        calls["n"] += 1
+        if calls["n"] == 4:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in the middle of the run
+
+    monkeypatch.setattr(SimMIM, "on_step_end", interrupt_after_4)
+    with pytest.raises(Interrupted) as info:
+        pretrain(config(idx_dir, broken), progress=False)
+    assert info.value.step == 4  # the step under way is finished, then saved
+    assert [p.name for p in list_checkpoints(broken)] == ["step-00000004.pt", "step-00000003.pt"]
+    monkeypatch.setattr(SimMIM, "on_step_end", original)
+
+    pretrain(config(idx_dir, broken), resume=True, progress=False)
+    assert losses(broken) == losses(straight)  # exact float equality, every step
+    assert len(losses(straight)) == 6
+    a = load_latest_checkpoint(straight)[0]["model"]
+    b = load_latest_checkpoint(broken)[0]["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_without_checkpoint_and_rerun_into_used_dir(idx_dir, tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        pretrain(config(idx_dir, tmp_path / "empty"), resume=True, progress=False)
+    run = tmp_path / "run"
+    pretrain(config(idx_dir, run, steps=3), progress=False)
+    with pytest.raises(ConfigError, match="--resume"):
+        pretrain(config(idx_dir, run, steps=3), progress=False)
+
+
+def test_damaged_newest_checkpoint_falls_back_and_says_so(idx_dir, tmp_path, caplog):
+    run = tmp_path / "run"
+    pretrain(config(idx_dir, run, steps=6, ckpt_every=3, keep_checkpoints=3), progress=False)
+    newest, older = list_checkpoints(run)[:2]
+    data = newest.read_bytes()
+    newest.write_bytes(data[: len(data) // 2])  # a half-written file, as after a crash without atomic writes
+    with caplog.at_level(logging.WARNING, logger="selfsight"):
+        state, path = load_latest_checkpoint(run)
+    assert path == older and state["step"] == 3
+    assert "damaged" in caplog.text and str(newest) in caplog.text and str(older) in caplog.text
+    summary = pretrain(load_config(run / "config.yaml"), resume=True, progress=False)
+    assert summary["steps"] == 6
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    save_checkpoint({"step": 1, "model": {"w": torch.ones(2)}}, tmp_path, 1)
+
+    def fail(obj, handle):
+        handle.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", fail)
+    with pytest.raises(OSError):
+        save_checkpoint({"step": 2, "model": {}}, tmp_path, 2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000001.pt"]
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(idx_dir, tmp_path, monkeypatch):
+    original = SimMIM.training_step
+    calls = {"n": 0}
+
+    def nan_at_5(self, images, generator):
+        out = original(self, images, generator)
+        calls["n"] += 1
+        if calls["n"] == 5:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(SimMIM, "training_step", nan_at_5)
+    run = tmp_path / "run"
+    with pytest.raises(TrainingError, match="at step 4.*step-00000003.pt"):
+        pretrain(config(idx_dir, run), progress=False)
+    assert [p.name for p in list_checkpoints(run)] == ["step-00000003.pt"]
+
+
+def test_budgets_epochs_minutes_and_accumulation(idx_dir, tmp_path):
+    # 256 images, batch 32 x accum 2 -> 4 optimiser steps per epoch
+    cfg = config(idx_dir, tmp_path / "ep", steps=None, epochs=1.5)
+    cfg.optim.accum_steps = 2
+    summary = pretrain(cfg, progress=False)
+    assert summary["steps"] == 6 and summary["images_seen"] == 6 * 64
+    cfg = config(idx_dir, tmp_path / "min", steps=None, minutes=0.05)
+    trainer = Trainer(cfg, progress=False)
+    assert trainer.total_steps >= 1
+    summary = trainer.fit()
+    assert summary["minutes"] < 0.05 * 1.5 + 0.1
+
+
+def test_lr_schedule_warmup_then_cosine():
+    assert lr_factor(0, 100, 10, 0.0) == pytest.approx(0.1)
+    assert lr_factor(9, 100, 10, 0.0) == pytest.approx(1.0)
+    assert lr_factor(10, 100, 10, 0.0) == pytest.approx(1.0)
+    assert lr_factor(55, 100, 10, 0.0) == pytest.approx(0.5)
+    assert lr_factor(100, 100, 10, 0.1) == pytest.approx(0.1)
+
+
+def test_config_overrides_and_saved_config(idx_dir, tmp_path):
+    cfg = build_config(
+        None, ["lr=0.002", "mask_ratio=0.5", "optim.warmup_fraction=0.1", "method.hflip=false"], out=str(tmp_path / "r")
+    )
+    assert cfg.optim.lr == 0.002 and cfg.method_config.mask_ratio == 0.5
+    assert cfg.optim.warmup_fraction == 0.1 and cfg.method_config.hflip is False
+    with pytest.raises(ConfigError, match="unknown option 'lrr'"):
+        build_config(None, ["lrr=1"])
+    with pytest.raises(ConfigError, match="must be float"):
+        build_config(None, ["lr=fast"])
+    run = tmp_path / "saved"
+    pretrain(config(idx_dir, run, steps=2), progress=False)
+    saved = load_config(run / "config.yaml")
+    assert saved.backbone_opts == TINY_VIT[1] and saved.steps == 2 and saved.method_config == SimMIM.Config()
+
+
+def test_export_loads_in_timm_with_same_features(idx_dir, tmp_path):
+    run = tmp_path / "run"
+    pretrain(config(idx_dir, run, steps=3), progress=False)
+    info = export_run(run, tmp_path / "export")
+    exported = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert exported["architecture"] == TINY_VIT[0] and exported["model_args"] == TINY_VIT[1]
+    model = timm.create_model(
+        TINY_VIT[0], pretrained=True, num_classes=0, **TINY_VIT[1], pretrained_cfg_overlay=dict(file=info["weights"])
+    )
+    backbone, _ = load_run_backbone(run)
+    ours, theirs = backbone.model.state_dict(), model.state_dict()
+    assert set(ours) == set(theirs)  # no missing or unexpected keys
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    model.eval()
+    x = torch.randn(4, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(model(x), backbone(x), atol=1e-6)
+    # the run's weights are really the trained ones, not a fresh init
+    fresh = timm.create_model(TINY_VIT[0], num_classes=0, **TINY_VIT[1])
+    assert not torch.equal(fresh.state_dict()["blocks.0.attn.qkv.weight"], ours["blocks.0.attn.qkv.weight"])

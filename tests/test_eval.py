@@ -1,0 +1,282 @@
+"""Few-label evaluation: splits, k-NN, linear probe, fine-tuning and the evaluate() API.
+
+Tiny ViTs (16 px, 2 blocks, width 32) and tiny in-memory image sets keep this file fast on 2 CPUs.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from selfsight.backbones import Backbone
+from selfsight.data import InMemoryImages
+from selfsight.errors import ConfigError
+from selfsight.eval import api
+from selfsight.eval.api import EvalConfig, evaluate
+from selfsight.eval.features import extract_features
+from selfsight.eval.finetune import Classifier, finetune, layer_decay_param_groups, warmup_cosine
+from selfsight.eval.knn import knn_scores, top1
+from selfsight.eval.linear import linear_probe
+from selfsight.eval.splits import few_label_indices
+
+TINY_VIT = "vit_tiny_patch16_224"
+TINY_OPTS = {"img_size": 16, "patch_size": 4, "in_chans": 1, "embed_dim": 32, "depth": 2, "num_heads": 2}
+
+
+def tiny_backbone(seed: int = 0) -> Backbone:
+    torch.manual_seed(seed)
+    return Backbone(TINY_VIT, TINY_OPTS)
+
+
+def tiny_images(per_class: int = 8, num_classes: int = 4, seed: int = 0, labeled: bool = True):
+    """uint8 [N, 1, 16, 16]: noise plus a bright horizontal stripe whose row band encodes the class."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.arange(num_classes).repeat_interleave(per_class)
+    pixels = torch.randint(0, 80, (labels.numel(), 1, 16, 16), generator=generator)
+    for row, label in enumerate(labels.tolist()):
+        pixels[row, :, 4 * label : 4 * label + 4, :] += 150
+    return InMemoryImages(
+        description=f"tiny set {seed}",
+        num_images=labels.numel(),
+        labels=labels if labeled else None,
+        classes=[f"c{i}" for i in range(num_classes)] if labeled else [],
+        skipped=[],
+        in_chans=1,
+        img_size=16,
+        pixels=pixels.to(torch.uint8),
+    )
+
+
+@pytest.fixture
+def fake_data(monkeypatch):
+    """evaluate() reads 'train' / 'test' / 'unlabeled' from memory instead of the disk."""
+    sets = {"train": tiny_images(seed=0), "test": tiny_images(per_class=4, seed=1),
+            "unlabeled": tiny_images(seed=2, labeled=False)}
+    monkeypatch.setattr(api, "open_images", lambda spec, in_chans, img_size, **kw: sets[spec])
+    return sets
+
+
+@pytest.fixture
+def fake_run(monkeypatch):
+    """A 'pre-trained run' whose backbone is a tiny ViT the test can inspect."""
+    backbone = tiny_backbone(seed=3)
+    info = {"mean": [0.4], "std": [0.25], "img_size": 16, "in_chans": 1, "method": "simmim",
+            "checkpoint": "fake.pt"}
+    monkeypatch.setattr("selfsight.checkpoint.load_run_backbone", lambda run_dir: (backbone, info))
+    return backbone
+
+
+# --- splits ------------------------------------------------------------------------------------
+def test_few_label_indices_balanced_and_reproducible():
+    shuffle = torch.randperm(100, generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([0] * 30 + [1] * 20 + [2] * 50)[shuffle]
+    chosen = few_label_indices(labels, labels_per_class=5, seed=7)
+    assert chosen.numel() == 15 and torch.equal(chosen, chosen.sort().values)
+    assert torch.bincount(labels[chosen]).tolist() == [5, 5, 5]
+    assert torch.equal(chosen, few_label_indices(labels, labels_per_class=5, seed=7))
+    assert not torch.equal(chosen, few_label_indices(labels, labels_per_class=5, seed=8))
+    larger = few_label_indices(labels, labels_per_class=10, seed=7)
+    assert set(chosen.tolist()) <= set(larger.tolist())  # first N of one permutation per class
+
+
+def test_few_label_indices_fraction_and_all():
+    labels = torch.tensor([0] * 30 + [1] * 20 + [2] * 3)
+    chosen = few_label_indices(labels, label_fraction=0.1, seed=0)
+    assert torch.bincount(labels[chosen]).tolist() == [3, 2, 1]  # round(0.3) -> at least 1
+    assert torch.equal(few_label_indices(labels), torch.arange(53))
+    assert few_label_indices(labels, label_fraction=1.0).numel() == 53
+
+
+@pytest.mark.parametrize(
+    "options", [{"labels_per_class": 4}, {"labels_per_class": 2, "label_fraction": 0.5},
+                {"label_fraction": 0.0}, {"label_fraction": 1.5}, {"labels_per_class": 0}]
+)
+def test_few_label_indices_errors(options):
+    with pytest.raises(ConfigError):
+        few_label_indices(torch.tensor([0, 0, 0, 1, 1, 1, 1]), **options)
+
+
+# --- k-NN --------------------------------------------------------------------------------------
+def naive_knn_scores(train, train_labels, test, num_classes, k, temperature):
+    """Double loop over test and train rows, in float64 numpy."""
+    train = train / np.linalg.norm(train, axis=1, keepdims=True)
+    test = test / np.linalg.norm(test, axis=1, keepdims=True)
+    scores = np.zeros((len(test), num_classes))
+    for i, query in enumerate(test):
+        sims = np.array([float(np.dot(query, row)) for row in train])
+        for j in np.argsort(-sims)[:k]:
+            scores[i, train_labels[j]] += math.exp(sims[j] / temperature)
+    return scores
+
+
+def test_knn_matches_naive_reference():
+    generator = torch.Generator().manual_seed(0)
+    train = torch.randn(50, 8, generator=generator)
+    labels = torch.randint(0, 4, (50,), generator=generator)
+    test = torch.randn(13, 8, generator=generator)
+    got = knn_scores(train, labels, test, num_classes=4, k=7, temperature=0.1, chunk=5)
+    want = naive_knn_scores(train.double().numpy(), labels.numpy(), test.double().numpy(), 4, 7, 0.1)
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-4)
+
+
+def test_knn_hand_computed_case():
+    train = torch.tensor([[2.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [3.0, 3.0]])  # labels 0, 1, 1, 1
+    labels = torch.tensor([0, 1, 1, 1])
+    test = torch.tensor([[1.0, 0.0]])  # cosine similarities 1, 0, -1, 1/sqrt(2)
+    two = knn_scores(train, labels, test, num_classes=2, k=2, temperature=0.5)
+    torch.testing.assert_close(two, torch.tensor([[math.exp(2.0), math.exp(2 * 0.5**0.5)]]))
+    three = knn_scores(train, labels, test, num_classes=2, k=3, temperature=0.5)
+    torch.testing.assert_close(three, torch.tensor([[math.exp(2.0), math.exp(2 * 0.5**0.5) + 1.0]]))
+    assert top1(three, torch.tensor([0])) == 1.0
+    assert knn_scores(train, labels, test, 2, k=100).shape == (1, 2)  # k clipped to N
+
+
+# --- linear probe --------------------------------------------------------------------------------
+def test_linear_probe_separates_separable_data():
+    generator = torch.Generator().manual_seed(0)
+    centers = 4.0 * torch.randn(3, 16, generator=generator)
+    labels = torch.randint(0, 3, (300,), generator=generator)
+    feats = centers[labels] + 0.5 * torch.randn(300, 16, generator=generator) + 10.0  # offset: removed
+    result = linear_probe(feats[:200], labels[:200], feats[200:], labels[200:], num_classes=3, epochs=30)
+    assert result.top1 >= 0.99
+    assert result.train_loss[-1] < result.train_loss[0]
+
+
+# --- features ----------------------------------------------------------------------------------
+def test_extract_features_in_order_and_restores_mode():
+    backbone = tiny_backbone().train()
+    images = tiny_images(per_class=3)
+    feats, labels = extract_features(backbone, images, [0.5], [0.25], batch_size=5, progress=False)
+    assert feats.shape == (12, 32) and torch.equal(labels, images.labels)
+    assert backbone.training
+    with torch.no_grad():
+        whole = backbone.eval().features((images.pixels.float() / 255 - 0.5) / 0.25)
+    torch.testing.assert_close(feats, whole, rtol=1e-4, atol=1e-5)
+    some, some_labels = extract_features(backbone, images, [0.5], [0.25], indices=torch.tensor([11, 2]),
+                                         progress=False)
+    torch.testing.assert_close(some, whole[[11, 2]], rtol=1e-4, atol=1e-5)
+    assert some_labels.tolist() == [3, 0]
+
+
+# --- fine-tuning ---------------------------------------------------------------------------------
+def run_finetune(backbone: Backbone, seed: int = 0, layer_decay: float = 0.75):
+    train, test = tiny_images(seed=0), tiny_images(per_class=2, seed=1)
+    return finetune(backbone, train, torch.arange(train.num_images), test, [0.4], [0.3], 4, epochs=2,
+                    batch_size=8, warmup_epochs=1, lr=1e-3, layer_decay=layer_decay,
+                    seed=seed, progress=False)
+
+
+def test_finetune_changes_weights_and_is_deterministic():
+    start = tiny_backbone()
+    first, second = copy.deepcopy(start), copy.deepcopy(start)
+    result_a, result_b = run_finetune(first, seed=5), run_finetune(second, seed=5)
+    assert result_a.steps == 8 and len(result_a.train_loss) == 2 and 0.0 <= result_a.top1 <= 1.0
+    assert result_a.train_loss == result_b.train_loss and result_a.top1 == result_b.top1
+    for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert not torch.equal(first.model.blocks[0].attn.qkv.weight, start.model.blocks[0].attn.qkv.weight)
+    assert not torch.equal(first.model.patch_embed.proj.weight, start.model.patch_embed.proj.weight)
+
+
+def test_layer_decay_scales_early_blocks_down():
+    classifier = Classifier(tiny_backbone(), num_classes=4)
+    groups = layer_decay_param_groups(classifier, weight_decay=0.05, layer_decay=0.5)
+    scale_of = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    model = classifier.backbone.model
+    patch, block0, block1 = (scale_of[id(p)] for p in (model.patch_embed.proj.weight,
+                                                        model.blocks[0].mlp.fc1.weight,
+                                                        model.blocks[1].mlp.fc1.weight))
+    assert patch < block0 < block1 < 1.0
+    assert scale_of[id(model.norm.weight)] == scale_of[id(classifier.head.weight)] == 1.0
+    assert sum(len(g["params"]) for g in groups) == len(list(classifier.parameters()))
+    decay = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    assert decay[id(model.pos_embed)] == 0.0 and decay[id(model.blocks[0].mlp.fc1.bias)] == 0.0
+    assert decay[id(model.blocks[0].mlp.fc1.weight)] == 0.05
+
+
+def test_layer_decay_reaches_the_optimiser():
+    start = tiny_backbone()
+    decayed, flat = copy.deepcopy(start), copy.deepcopy(start)
+    run_finetune(decayed, layer_decay=0.1)  # patch embedding lr x 0.1 ** 3
+    run_finetune(flat, layer_decay=1.0)
+    moved = lambda b: (b.model.patch_embed.proj.weight - start.model.patch_embed.proj.weight).abs().sum()
+    assert moved(decayed) < 0.05 * moved(flat)
+
+
+def test_warmup_cosine_schedule():
+    factors = [warmup_cosine(step, 2, 10) for step in range(10)]
+    assert factors[:2] == [0.5, 1.0] and factors[2] == 1.0
+    assert all(a >= b for a, b in zip(factors[2:], factors[3:])) and factors[-1] < 0.05
+
+
+# --- evaluate() --------------------------------------------------------------------------------
+def test_linear_probe_leaves_backbone_bit_identical(fake_data, fake_run, tmp_path):
+    before = {k: v.clone() for k, v in fake_run.state_dict().items()}
+    cfg = EvalConfig(kind="linear", run=str(tmp_path), train_data="train", test_data="test",
+                     labels_per_class=4, epochs=5, device="cpu")
+    record = evaluate(cfg)
+    after = fake_run.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.grad is None for p in fake_run.parameters())
+    saved = json.loads((tmp_path / "eval_linear_16.json").read_text())
+    assert saved["top1"] == record["top1"] and 0.0 <= saved["top1"] <= 1.0
+    assert saved["num_labels"] == 16 and saved["init"] == "pretrained" and saved["method"] == "simmim"
+    assert saved["hparams"]["epochs"] == 5 and saved["mean"] == [0.4]
+
+
+def test_knn_from_scratch(fake_data, tmp_path):
+    cfg = EvalConfig(kind="knn", init="scratch", backbone=TINY_VIT, backbone_opts=TINY_OPTS,
+                     train_data="train", test_data="test", k=5, device="cpu", out=str(tmp_path))
+    record = evaluate(cfg)
+    assert (tmp_path / "eval_knn_scratch_32.json").is_file()
+    assert record["init"] == "scratch" and record["backbone"] == TINY_VIT and record["run"] is None
+    assert record["hparams"]["k"] == 5 and record["num_test"] == 16
+    assert record["mean"] == pytest.approx(fake_data["train"].mean_std()[0])
+    assert evaluate(cfg)["top1"] == record["top1"]  # seeded scratch init
+
+
+def test_finetune_through_api_from_scratch(fake_data, tmp_path):
+    cfg = EvalConfig(kind="finetune", init="scratch", backbone=TINY_VIT, backbone_opts=TINY_OPTS,
+                     train_data="train", test_data="test", labels_per_class=2, epochs=2, batch_size=4,
+                     device="cpu", out=str(tmp_path))
+    record = evaluate(cfg)
+    assert (tmp_path / "eval_finetune_scratch_8.json").is_file()
+    assert record["hparams"]["layer_decay"] == 0.75 and record["steps"] == 4 and len(record["train_loss"]) == 2
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"kind": "knn"}, "needs run"),
+        ({"kind": "knn", "init": "scratch"}, "needs backbone"),
+        ({"kind": "svm", "run": "r"}, "unknown evaluation kind"),
+        ({"kind": "knn", "run": "r", "init": "random"}, "unknown init"),
+        ({"kind": "knn", "run": "r", "labels_per_class": 2, "label_fraction": 0.5}, "not both"),
+        ({"kind": "finetune", "run": "r", "layer": 0}, "last layer"),
+        ({"kind": "knn", "run": "r", "pool": "max"}, "unknown pooling"),
+        ({"kind": "knn", "run": "r", "test_data": ""}, "test_data"),
+    ],
+)
+def test_eval_config_errors(options, message):
+    cfg = EvalConfig(**{"train_data": "train", "test_data": "test", **options})
+    with pytest.raises(ConfigError, match=message):
+        evaluate(cfg)
+
+
+def test_unlabeled_data_is_a_config_error(fake_data, tmp_path):
+    cfg = EvalConfig(kind="knn", init="scratch", backbone=TINY_VIT, backbone_opts=TINY_OPTS,
+                     train_data="unlabeled", test_data="test", device="cpu", out=str(tmp_path))
+    with pytest.raises(ConfigError, match="no labels"):
+        evaluate(cfg)
+
+
+def test_pretrained_backbone_mismatch_is_a_config_error(fake_data, fake_run, tmp_path):
+    cfg = EvalConfig(kind="knn", run=str(tmp_path), backbone="resnet18", train_data="train", test_data="test")
+    with pytest.raises(ConfigError, match="differs"):
+        evaluate(cfg)
