@@ -184,3 +184,10 @@ def test_export_loads_in_timm_with_same_features(idx_dir, tmp_path):
     # the run's weights are really the trained ones, not a fresh init
     fresh = timm.create_model(TINY_VIT[0], num_classes=0, **TINY_VIT[1])
     assert not torch.equal(fresh.state_dict()["blocks.0.attn.qkv.weight"], ours["blocks.0.attn.qkv.weight"])
+
+
+def test_bf16_autocast_runs_on_cpu(idx_dir, tmp_path):
+    summary = pretrain(config(idx_dir, tmp_path / "bf16", steps=2, precision="bf16"), progress=False)
+    assert summary["steps"] == 2 and summary["final_loss"] == summary["final_loss"]  # finite, not NaN
+    with pytest.raises(ConfigError, match="precision"):
+        config(idx_dir, tmp_path / "x", precision="fp16")

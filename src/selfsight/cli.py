@@ -78,8 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--pool", default="avg", choices=["avg", "cls", "default"], help="feature pooling")
     e.add_argument("--k", type=int, default=20, help="neighbours for knn")
     e.add_argument("--temperature", type=float, default=0.07, help="knn vote temperature")
-    e.add_argument("--epochs", type=int, help="linear/finetune epochs")
-    e.add_argument("--lr", type=float, help="linear/finetune learning rate")
+    e.add_argument("--epochs", type=int, help="finetune epochs (default 50)")
+    e.add_argument("--lr", type=float, help="finetune learning rate (default 1e-3)")
+    e.add_argument("--weight-decay", type=float, help="finetune AdamW decay (0.05) / linear L2 penalty (1e-4)")
     e.add_argument("--layer-decay", type=float, help="finetune layer-wise lr decay")
     e.add_argument("--batch-size", type=int)
     e.add_argument("--seed", type=int, default=0)
@@ -162,6 +163,7 @@ def _eval(args: argparse.Namespace) -> int:
         temperature=args.temperature,
         epochs=args.epochs,
         lr=args.lr,
+        weight_decay=args.weight_decay,
         layer_decay=args.layer_decay,
         batch_size=args.batch_size,
         seed=args.seed,

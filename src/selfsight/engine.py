@@ -223,6 +223,22 @@ class Trainer:
             yield images.to(self.device, non_blocking=True), labels
 
     # --- state --------------------------------------------------------------------------------
+    def _replan(self, time_limit: float) -> None:
+        """In a --minutes run, re-plan the number of steps from the speed measured so far.
+
+        Done once, at the end of warm-up, where the learning-rate factor is 1 whatever the total, so
+        the schedule stays continuous; the timed step before training only gives the first estimate.
+        The speed is measured from the third step on, once start-up costs are paid.
+        """
+        now = time.perf_counter()
+        spent = self.elapsed_before + now - self.start_time
+        mark_step, mark_time = self._speed_mark
+        per_step = (now - mark_time) / max(1, self.step - mark_step)
+        planned = self.step + int(max(0.0, time_limit * 0.98 - spent) / per_step)
+        if planned != self.total_steps:
+            log.info("measured %.3f s per step: re-planning %d -> %d steps", per_step, self.total_steps, planned)
+            self.total_steps = max(planned, self.step)
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "step": self.step,
@@ -330,6 +346,12 @@ class Trainer:
                     self.optimizer.zero_grad(set_to_none=True)
                     self.method.on_step_end(self.step, self.total_steps)
                     self.step += 1
+                    if self.step - start_step == 3:
+                        self._speed_mark = (self.step, time.perf_counter())
+                    if cfg.minutes is not None and self.step == max(self.warmup_steps, 10) and start_step == 0:
+                        self._replan(time_limit)
+                        bar.total = self.total_steps
+                        bar.refresh()
                     window_steps += 1
                     last_loss = loss_sum / self.accum
                     bar.update(1)

@@ -34,9 +34,11 @@ FEATURE_BATCH_SIZE = 256
 class EvalConfig:
     """One evaluation. ``None`` hyper-parameters take the protocol's defaults.
 
-    ``batch_size`` is the training batch of the linear probe / fine-tune and the feature-extraction
-    batch of k-NN. ``layer`` and ``pool`` choose the frozen features (k-NN, linear probe).
-    ``backbone``/``backbone_opts`` name the architecture for ``init='scratch'`` (default: the run's).
+    ``layer``, ``pool`` choose the frozen features (knn, linear); ``k``, ``temperature`` are k-NN's;
+    ``epochs``, ``lr``, ``layer_decay`` are fine-tuning's; ``weight_decay`` is the linear probe's L2
+    penalty or fine-tuning's AdamW decay; ``batch_size`` is fine-tuning's training batch, else the
+    feature-extraction batch. ``backbone``/``backbone_opts`` name the architecture for
+    ``init='scratch'`` (default: the run's).
     """
 
     kind: str
@@ -56,6 +58,7 @@ class EvalConfig:
     lr: float | None = None
     layer_decay: float | None = None
     batch_size: int | None = None
+    weight_decay: float | None = None
     seed: int = 0
     device: str = "auto"
     out: str | None = None
@@ -92,6 +95,12 @@ def check_config(cfg: EvalConfig) -> None:
         raise ConfigError(f"unknown pooling {cfg.pool!r}; choose from {', '.join(POOLINGS)}")
     if cfg.kind == "finetune" and (cfg.layer != -1 or cfg.pool != "avg"):
         raise ConfigError("layer and pool apply to knn and linear; fine-tuning reads the last layer")
+    if cfg.kind != "finetune":
+        given = [name for name in ("epochs", "lr", "layer_decay") if getattr(cfg, name) is not None]
+        if given:
+            raise ConfigError(f"{', '.join(given)} apply to finetune only (the linear probe runs L-BFGS to the end)")
+    if cfg.weight_decay is not None and cfg.weight_decay < 0:
+        raise ConfigError(f"weight_decay must be >= 0, got {cfg.weight_decay}")
     for name in ("epochs", "batch_size", "k"):
         value = getattr(cfg, name)
         if value is not None and value < 1:
@@ -172,7 +181,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     if cfg.kind == "finetune":
         hparams = dict(FINETUNE_DEFAULTS)  # the same recipe for scratch, so the comparison is fair
         chosen = {"epochs": cfg.epochs, "lr": cfg.lr, "layer_decay": cfg.layer_decay,
-                  "batch_size": cfg.batch_size}
+                  "batch_size": cfg.batch_size, "weight_decay": cfg.weight_decay}
         hparams.update({k: v for k, v in chosen.items() if v is not None})
         result = finetune(backbone, train, indices, test, mean, std, num_classes, seed=cfg.seed,
                           device=device, **hparams)
@@ -180,7 +189,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         extra = {"train_loss": [round(x, 5) for x in result.train_loss], "steps": result.steps}
         hparams["crop_scale"] = list(hparams["crop_scale"])
     else:
-        feature_batch = cfg.batch_size if cfg.kind == "knn" and cfg.batch_size else FEATURE_BATCH_SIZE
+        feature_batch = cfg.batch_size or FEATURE_BATCH_SIZE
         options = {"layer": cfg.layer, "pool": cfg.pool, "batch_size": feature_batch, "device": device}
         train_feats, train_labels = extract_features(backbone, train, mean, std, indices=indices, **options)
         test_feats, test_labels = extract_features(backbone, test, mean, std, **options)
@@ -192,12 +201,13 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
             accuracy = top1(scores, test_labels)
         else:
             hparams = dict(LINEAR_DEFAULTS)
-            chosen = {"epochs": cfg.epochs, "lr": cfg.lr, "batch_size": cfg.batch_size}
-            hparams.update({k: v for k, v in chosen.items() if v is not None})
+            if cfg.weight_decay is not None:
+                hparams["weight_decay"] = cfg.weight_decay
+            hparams["feature_batch_size"] = feature_batch
             probe = linear_probe(train_feats, train_labels, test_feats, test_labels, num_classes,
-                                 seed=cfg.seed, **hparams)
+                                 weight_decay=hparams["weight_decay"], max_iter=hparams["max_iter"])
             accuracy = probe.top1
-            extra = {"train_loss_final": round(probe.train_loss[-1], 5)}
+            extra = {"train_loss": round(probe.train_loss, 5), "iterations": probe.iterations}
 
     minutes = (time.perf_counter() - start) / 60
     layer, pool = (-1, "avg") if cfg.kind == "finetune" else (cfg.layer, cfg.pool)

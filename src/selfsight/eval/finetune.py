@@ -62,10 +62,13 @@ class Classifier(nn.Module):
 def layer_decay_param_groups(
     classifier: Classifier, weight_decay: float, layer_decay: float
 ) -> list[dict]:
-    """AdamW groups with an ``lr_scale`` each: timm's layer-wise decay for the backbone, 1 for the head.
+    """AdamW groups with an ``lr_scale`` each: layer-wise decay for the backbone, 1 for the head.
 
-    Block ``i`` of ``L`` gets ``layer_decay ** (L + 1 - i)`` (the patch embedding the smallest);
-    biases, norms and the model's no-weight-decay parameters get no weight decay.
+    timm's ``param_groups_layer_decay`` numbers the stem 0 and block ``i`` ``i + 1``, and gives the
+    deepest group scale 1 (a ``num_classes=0`` model has no head). Its scales are multiplied by
+    ``layer_decay`` once more so that the new head is the top layer, as in BEiT/MAE: for a ViT of
+    depth ``L`` block ``i`` gets ``layer_decay ** (L - i)``, the patch embedding ``layer_decay ** (L + 1)``.
+    Biases, norms and the model's no-weight-decay parameters get no weight decay.
     """
     backbone = classifier.backbone
     groups = param_groups_layer_decay(
@@ -74,6 +77,8 @@ def layer_decay_param_groups(
         no_weight_decay_list=sorted(backbone.no_weight_decay_names()),
         layer_decay=layer_decay,
     )
+    for group in groups:
+        group["lr_scale"] *= layer_decay
     groups.append({"params": [classifier.head.weight], "weight_decay": weight_decay, "lr_scale": 1.0})
     groups.append({"params": [classifier.head.bias], "weight_decay": 0.0, "lr_scale": 1.0})
     return groups

@@ -1,0 +1,45 @@
+# selfsight: two commands that work on a fresh machine.
+#   make demo   set up, then pre-train on Fashion-MNIST and compare with scratch on 600 labels (~15 min)
+#   make test   set up, then run the test suite (~5 min on 2 cores)
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+FMNIST := /usr/share/datasets/fashion-mnist
+DEMO_MINUTES ?= 8
+
+.PHONY: setup data demo test lint clean
+
+$(STAMP): pyproject.toml
+	@test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	# torch/torchvision pinned here (installed from the local wheel cache on this machine), not in pyproject
+	$(PIP) install --quiet "torch==2.14.1" "torchvision==0.29.1"
+	$(PIP) install --quiet -e ".[dev]"
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+data:
+	@if [ -f $(FMNIST)/train-images-idx3-ubyte.gz ]; then \
+		echo "Fashion-MNIST found in $(FMNIST)"; \
+	elif [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null; then \
+		echo "installing Debian's dataset-fashion-mnist"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
+	else \
+		echo "Fashion-MNIST is missing: run 'sudo apt-get install dataset-fashion-mnist', or point selfsight at"; \
+		echo "your own images: .venv/bin/selfsight pretrain --data FOLDER ... (see README)"; exit 1; \
+	fi
+
+demo: setup data
+	$(VENV)/bin/selfsight demo --out runs/demo --minutes $(DEMO_MINUTES)
+
+test: setup
+	$(VENV)/bin/python -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf runs .pytest_cache
