@@ -1,6 +1,6 @@
 # selfsight: two commands that work on a fresh machine.
 #   make demo   set up, then pre-train on Fashion-MNIST and compare with scratch on 600 labels (~15 min)
-#   make test   set up, then run the test suite (~5 min on 2 cores)
+#   make test   set up, then run the test suite (~2-3 min on 2 cores)
 
 PYTHON ?= python3
 VENV := .venv
