@@ -12,9 +12,9 @@ DEMO_MINUTES ?= 8
 
 .PHONY: setup data demo test lint clean
 
+# torch/torchvision are pinned here (pip on Python 3.11 takes them from this machine's disk), not in pyproject
 $(STAMP): pyproject.toml
 	@test -d $(VENV) || $(PYTHON) -m venv $(VENV)
-	# torch/torchvision pinned here (installed from the local wheel cache on this machine), not in pyproject
 	$(PIP) install --quiet "torch==2.14.1" "torchvision==0.29.1"
 	$(PIP) install --quiet -e ".[dev]"
 	@touch $(STAMP)
