@@ -18,6 +18,7 @@ import torch
 
 from selfsight.backbones import POOLINGS, Backbone
 from selfsight.data import ImageSet, open_images
+from selfsight.engine import resolve_device
 from selfsight.errors import ConfigError
 from selfsight.eval.features import extract_features
 from selfsight.eval.finetune import FINETUNE_DEFAULTS, finetune
@@ -62,19 +63,6 @@ class EvalConfig:
     seed: int = 0
     device: str = "auto"
     out: str | None = None
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda when available, else cpu; any other name is checked."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"unknown device {name!r}; use auto, cpu or cuda[:N]") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name} asked for, but CUDA is not available")
-    return device
 
 
 def check_config(cfg: EvalConfig) -> None:
