@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import logging
 import os
 from collections.abc import Iterator
@@ -23,7 +24,7 @@ _SUMMARY_SKIPPED = 20
 
 
 @dataclass
-class ImageSet:
+class ImageSet(abc.ABC):
     """Decoded images in memory, or a lazy folder.
 
     Images are always returned as uint8 [B, C, S, S] with C = in_chans (1 = grayscale 'L', 3 = RGB;
@@ -38,13 +39,13 @@ class ImageSet:
     in_chans: int
     img_size: int
 
+    @abc.abstractmethod
     def load_batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """indices: int64 [B] -> (images uint8 [B, C, S, S], source indices int64 [B]).
 
         The source index differs from the asked one only where a lazy file turned out unreadable
         and was replaced; use it to look up labels.
         """
-        raise NotImplementedError
 
     def get_batch(self, indices: torch.Tensor) -> torch.Tensor:
         """indices: int64 [B] -> images uint8 [B, C, S, S]."""
