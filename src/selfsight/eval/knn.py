@@ -56,4 +56,5 @@ def top1(scores: torch.Tensor, labels: torch.Tensor) -> float:
     """Share of rows whose highest score is at the true label. scores: [M, C], labels: [M]."""
     if labels.numel() == 0:
         return 0.0
-    return (scores.argmax(dim=1).cpu() == labels.cpu().long()).float().mean().item()
+    correct = int((scores.argmax(dim=1).cpu() == labels.cpu().long()).sum())
+    return correct / labels.numel()  # exact fraction, not a float32 mean

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from selfsight.errors import ConfigError
+from selfsight.eval.knn import top1
 
 LINEAR_DEFAULTS = {"weight_decay": 1e-4, "max_iter": 1000}
 
@@ -117,5 +118,4 @@ def linear_probe(
         return LinearProbeResult(0.0, loss, iterations, probe)
     with torch.no_grad():
         logits = torch.cat([probe(chunk.float()) for chunk in test_feats.split(4096)])
-    correct = (logits.argmax(dim=1).cpu() == test_labels.cpu().long()).float().mean().item()
-    return LinearProbeResult(correct, loss, iterations, probe)
+    return LinearProbeResult(top1(logits, test_labels), loss, iterations, probe)
