@@ -115,13 +115,4 @@ def open_cifar_folder(folder: str, split: str, in_chans: int, img_size: int) -> 
         raise DataError(f"{folder} has labels outside 0..{len(classes) - 1} for split '{split}'")
     pixels = torch.from_numpy(np.concatenate([images for images, _ in arrays]))
     pixels = prepare_pixels(pixels, in_chans, img_size)
-    return InMemoryImages(
-        description=f"{kind} {split} (CIFAR pickles, {len(pixels)} images)",
-        num_images=len(pixels),
-        labels=labels,
-        classes=classes,
-        skipped=[],
-        in_chans=in_chans,
-        img_size=img_size,
-        pixels=pixels,
-    )
+    return InMemoryImages.from_pixels(f"{kind} {split} (CIFAR pickles, {len(pixels)} images)", pixels, labels, classes)

@@ -103,16 +103,7 @@ def _build(images_path: str, labels_path: str | None, folder: str, description: 
         raw_labels = read_idx(labels_path)
         labels = _labels_tensor(labels_path, raw_labels, len(pixels))
         classes = idx_class_names(folder, raw_labels)
-    return InMemoryImages(
-        description=f"{description} (IDX, {len(pixels)} images)",
-        num_images=len(pixels),
-        labels=labels,
-        classes=classes,
-        skipped=[],
-        in_chans=in_chans,
-        img_size=img_size,
-        pixels=pixels,
-    )
+    return InMemoryImages.from_pixels(f"{description} (IDX, {len(pixels)} images)", pixels, labels, classes)
 
 
 def open_idx_folder(folder: str, split: str, in_chans: int, img_size: int) -> InMemoryImages:

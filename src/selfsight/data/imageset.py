@@ -105,6 +105,22 @@ class InMemoryImages(ImageSet):
             found = f"{self.pixels.dtype} {list(self.pixels.shape)}"
             raise ValueError(f"pixels must be uint8 {list(expected)}, got {found}")
 
+    @classmethod
+    def from_pixels(
+        cls, description: str, pixels: torch.Tensor, labels: torch.Tensor | None, classes: list[str]
+    ) -> InMemoryImages:
+        """A decoded array reader's result: pixels uint8 [N, C, S, S], nothing skipped."""
+        return cls(
+            description=description,
+            num_images=len(pixels),
+            labels=labels,
+            classes=classes,
+            skipped=[],
+            in_chans=pixels.shape[1],
+            img_size=pixels.shape[-1],
+            pixels=pixels,
+        )
+
     def load_batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """indices: int64 [B] -> (uint8 [B, C, S, S], the same indices)."""
         return self.pixels[indices], indices
