@@ -124,3 +124,18 @@ def test_debug_shows_the_traceback(tmp_path):
 
     with pytest.raises(DataError):
         main(["--debug", "pretrain", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "r")])
+
+
+def test_views_command_writes_a_grid(idx_dir, tmp_path, capsys):
+    from PIL import Image
+
+    out = tmp_path / "views" / "byol.png"
+    code, printed, _ = run_cli(["views", f"{idx_dir}:train", "--method", "dino", "--backbone", "resnet18",
+                                "--backbone-opt", "in_chans=1", "--backbone-opt", "img_size=16",
+                                "--num-images", "3", "--out", str(out), "num_local_crops=2"], capsys)
+    assert code == 0 and "dino views" in printed
+    with Image.open(out) as grid:
+        # 3 rows; original + 2 global + 2 local columns, every cell 16 px with 2-px gaps around
+        assert grid.size == (5 * 16 + 6 * 2, 3 * 16 + 4 * 2)
+    code, _, err = run_cli(["views", f"{idx_dir}:train", "--method", "nope", "--out", str(out)], capsys)
+    assert code == 2 and "unknown method 'nope'" in err

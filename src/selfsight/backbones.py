@@ -83,8 +83,17 @@ class Backbone(nn.Module):
             close = difflib.get_close_matches(name, timm.list_models(), n=3)
             hint = f" (did you mean {', '.join(close)}?)" if close else " (see timm.list_models())"
             raise ConfigError(f"unknown backbone {name!r}{hint}")
+        # CNNs take any input size and timm's CNN constructors have no img_size: it is then selfsight's alone
+        # (the size images are read at), kept in ``opts`` but not passed to timm (see ``timm_kwargs``).
+        self.timm_kwargs = dict(opts)
         try:
-            self.model = timm.create_model(name, pretrained=False, num_classes=0, **opts)
+            try:
+                self.model = timm.create_model(name, pretrained=False, num_classes=0, **self.timm_kwargs)
+            except TypeError as exc:
+                if "img_size" not in opts or "img_size" not in str(exc):
+                    raise
+                del self.timm_kwargs["img_size"]
+                self.model = timm.create_model(name, pretrained=False, num_classes=0, **self.timm_kwargs)
         except (TypeError, ValueError, AssertionError, RuntimeError) as exc:
             raise ConfigError(f"backbone {name} cannot be built with options {opts}: {exc}") from None
         self.name = name
@@ -110,6 +119,11 @@ class Backbone(nn.Module):
     def supports_mask_token(self) -> bool:
         """True where a mask token can replace patch embeddings (timm ViT, Swin, SwinV2)."""
         return self.family in ("vit", "swin")
+
+    @property
+    def accepts_any_size(self) -> bool:
+        """True where inputs of another size than ``img_size`` work (CNNs; ViTs built with dynamic_img_size)."""
+        return self.family == "cnn" or (self.family == "vit" and bool(getattr(self.model, "dynamic_img_size", False)))
 
     @property
     def embed_dim(self) -> int:

@@ -24,6 +24,7 @@ import torch
 
 from selfsight.backbones import Backbone
 from selfsight.errors import CheckpointError
+from selfsight.registry import get_method_class
 
 log = logging.getLogger("selfsight")
 
@@ -110,9 +111,12 @@ def read_run_info(run_dir: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def backbone_state(model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The timm model's weights out of a method's state dict (keys ``backbone.model.*``)."""
-    prefix = "backbone.model."
+def backbone_state(model_state: dict[str, torch.Tensor], attribute: str = "backbone") -> dict[str, torch.Tensor]:
+    """The timm model's weights out of a method's state dict (keys ``{attribute}.model.*``).
+
+    ``attribute`` is the method's ``export_backbone``: ``backbone`` for most, ``teacher_backbone`` for DINO.
+    """
+    prefix = f"{attribute}.model."
     return {k[len(prefix) :]: v for k, v in model_state.items() if k.startswith(prefix)}
 
 
@@ -125,7 +129,8 @@ def load_run_backbone(run_dir: str | Path) -> tuple[Backbone, dict[str, Any]]:
     info = read_run_info(run_dir)
     state, path = load_latest_checkpoint(run_dir)
     backbone = Backbone(info["backbone"]["name"], _opts_from_json(info["backbone"]["opts"]))
-    backbone.model.load_state_dict(backbone_state(state["model"]))
+    attribute = get_method_class(info["method"]).export_backbone
+    backbone.model.load_state_dict(backbone_state(state["model"], attribute))
     backbone.eval()
     out = {
         "mean": info["mean"],
@@ -158,7 +163,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
     tensors = {k: v.detach().contiguous().clone() for k, v in backbone.model.state_dict().items()}
     weights = out / "model.safetensors"
     atomic_write_bytes(weights, lambda handle: handle.write(_safetensors_bytes(tensors)))
-    model_args = info["backbone"]["opts"]
+    model_args = {k: list(v) if isinstance(v, tuple) else v for k, v in backbone.timm_kwargs.items()}
     config = {
         "architecture": backbone.name,
         "num_classes": 0,

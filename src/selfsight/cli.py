@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:1 ...")
     p.add_argument("--precision", choices=["fp32", "bf16"])
     p.add_argument("--num-workers", type=int, help="DataLoader workers for large image folders")
+    p.add_argument("--monitor-data", help="labeled held-out data for an online k-NN monitor (e.g. FOLDER or IDX:test)")
+    p.add_argument("--monitor-every", type=int, help="steps between k-NN monitor measurements (default 200)")
     p.add_argument("--config", help="YAML file with options (e.g. a run's config.yaml)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -98,6 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX folder")
     d.add_argument("--device", default="auto")
 
+    v = sub.add_parser("views", help="write a grid of the views a method trains on")
+    v.add_argument("data", help="images: folder, IDX folder[:train|:test] or CIFAR folder")
+    v.add_argument("--method", default="simclr", help="pre-training method (default simclr)")
+    _add_backbone_args(v, "sets the input size and channels; default: the pretrain default")
+    v.add_argument("--out", default="views.png", help="PNG to write (default views.png)")
+    v.add_argument("--num-images", type=int, default=8, help="rows of the grid")
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("overrides", nargs="*", metavar="key=value", help="method options: crop_scale=[0.2,1] ...")
+
     sub.add_parser("methods", help="list the pre-training methods")
     return parser
 
@@ -133,6 +144,8 @@ def _pretrain(args: argparse.Namespace) -> int:
         device=args.device,
         precision=args.precision,
         num_workers=args.num_workers,
+        monitor_data=args.monitor_data,
+        monitor_every=args.monitor_every,
     )
     summary = pretrain(cfg, resume=args.resume, progress=not args.no_progress)
     print(
@@ -200,6 +213,23 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _views(args: argparse.Namespace) -> int:
+    from selfsight.backbones import parse_backbone_opts
+    from selfsight.config import build_config
+    from selfsight.preview import preview_views
+
+    backbone_opts = None
+    if args.backbone is not None or args.backbone_opt is not None:
+        backbone_opts = parse_backbone_opts(args.backbone_opt)
+    cfg = build_config(
+        None, args.overrides, method=args.method, backbone=args.backbone, backbone_opts=backbone_opts,
+        data=args.data, seed=args.seed,
+    )
+    path = preview_views(cfg, args.out, num_images=args.num_images)
+    print(f"wrote {path}: each row an image, then the {cfg.method} views of it")
+    return 0
+
+
 def _methods(_: argparse.Namespace) -> int:
     from selfsight.registry import get_method_class, list_methods
 
@@ -209,11 +239,23 @@ def _methods(_: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"pretrain": _pretrain, "eval": _eval, "export": _export, "demo": _demo, "methods": _methods}
+COMMANDS = {
+    "pretrain": _pretrain,
+    "eval": _eval,
+    "export": _export,
+    "demo": _demo,
+    "views": _views,
+    "methods": _methods,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # `views DATA --out X key=value`: overrides after options land here
+        if args.command != "views" or not all("=" in item and not item.startswith("-") for item in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
     from selfsight.engine import Interrupted
 

@@ -72,6 +72,12 @@ class PretrainConfig:
     precision: str = "fp32"
     #: DataLoader workers for large image folders (in-memory data needs none)
     num_workers: int = 2
+    #: labeled held-out data for the online k-NN monitor (None = no monitor)
+    monitor_data: str | None = None
+    #: steps between k-NN monitor measurements (and one at the end)
+    monitor_every: int = 200
+    #: images drawn from monitor_data: half memory bank, half queries
+    monitor_size: int = 2000
     optim: OptimConfig = field(default_factory=OptimConfig)
     #: the method's own options (its Config dataclass); filled with its defaults when resolved
     method_config: Any = None
@@ -90,7 +96,7 @@ class PretrainConfig:
             self.steps = 1000
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError(f"precision must be fp32 or bf16, got {self.precision!r}")
-        for name in ("batch_size", "log_every", "ckpt_every", "keep_checkpoints"):
+        for name in ("batch_size", "log_every", "ckpt_every", "keep_checkpoints", "monitor_every", "monitor_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
         if self.optim.accum_steps < 1:

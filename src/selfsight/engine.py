@@ -37,6 +37,10 @@ from selfsight.registry import create_method
 
 log = logging.getLogger("selfsight")
 
+#: ``embed_std_norm`` (std of the L2-normalised embeddings times sqrt(D): 1 healthy, 0 collapsed) below
+#: which a warning says the representation may be collapsing
+COLLAPSE_WARNING = 0.1
+
 
 class Interrupted(Exception):
     """Raised after Ctrl-C once a checkpoint has been saved."""
@@ -157,10 +161,19 @@ class Trainer:
         else:
             mean, std = self.images.mean_std()
         self.method: Method = create_method(cfg.method, backbone, cfg.method_config, mean, std).to(self.device)
+        self.monitor = None
+        if cfg.monitor_data:
+            from selfsight.monitor import KnnMonitor  # selfsight.eval imports this module
+
+            self.monitor = KnnMonitor(
+                cfg.monitor_data, backbone.in_chans, backbone.img_size, cfg.monitor_size, cfg.seed
+            )
+            log.info("k-NN monitor every %d steps on %s", cfg.monitor_every, self.monitor.description)
         groups = self.method.param_groups(cfg.optim.weight_decay)
         fused = {"fused": True} if self.device.type == "cuda" else {}
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas, **fused)
         self.accum = cfg.optim.accum_steps
+        self._collapse_warned = False
         self.step = 0
         self.elapsed_before = 0.0
         if resume_state is not None:
@@ -286,6 +299,28 @@ class Trainer:
         }
         (self.run_dir / "run.json").write_text(json.dumps(info, indent=2))
 
+    def _run_monitor(self) -> float:
+        method = self.method
+        backbone = getattr(method, method.export_backbone)
+        accuracy = self.monitor(backbone, method.mean.flatten().tolist(), method.std.flatten().tolist(), self.device)
+        log.info("step %d: k-NN monitor %.2f%%", self.step, 100 * accuracy)
+        return accuracy
+
+    def _watch_collapse(self, metrics: dict[str, float]) -> None:
+        """Warn (once per run) when the embeddings' spread falls towards collapse after warm-up."""
+        value = metrics.get("embed_std_norm")
+        if value is None or self._collapse_warned or self.step <= self.warmup_steps:
+            return
+        if value < COLLAPSE_WARNING:
+            self._collapse_warned = True
+            log.warning(
+                "step %d: the embeddings' spread fell to %.3f of a healthy one (embed_std_norm; 1 = spread, 0 = "
+                "collapsed): the representation may be collapsing. Try a lower lr, a higher momentum, or "
+                "stronger augmentation.",
+                self.step,
+                value,
+            )
+
     def save(self) -> Path:
         return save_checkpoint(self.state_dict(), self.run_dir, self.step, keep=self.cfg.keep_checkpoints)
 
@@ -377,6 +412,16 @@ class Trainer:
                         metrics_file.flush()
                         bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{throughput:.0f}")
                         window_start, window_steps = now, 0
+                    self._watch_collapse(extra)
+                    if self.monitor is not None and (
+                        self.step % cfg.monitor_every == 0 or self.step == self.total_steps
+                    ):
+                        monitor_start = time.perf_counter()
+                        accuracy = self._run_monitor()
+                        window_start += time.perf_counter() - monitor_start  # img/s counts training only
+                        metrics_file.write(json.dumps({"step": self.step, "knn_monitor": accuracy}) + "\n")
+                        metrics_file.flush()
+                        bar.set_postfix(loss=f"{last_loss:.4f}", knn=f"{100 * accuracy:.1f}%")
                     if self.step % cfg.ckpt_every == 0 and self.step < self.total_steps:
                         self.save()
             finally:

@@ -28,6 +28,8 @@ class Method(nn.Module, abc.ABC):
 
     Config: type
     method_name: str
+    #: the attribute holding the backbone that ``export``/``eval`` use (DINO: its teacher)
+    export_backbone: str = "backbone"
 
     def __init__(self, backbone: Backbone, config, mean: list[float], std: list[float]) -> None:
         super().__init__()
@@ -39,6 +41,10 @@ class Method(nn.Module, abc.ABC):
     @abc.abstractmethod
     def training_step(self, images: torch.Tensor, generator: torch.Generator) -> StepOutput:
         """images: uint8 [B, C, S, S] on the training device; all randomness from ``generator``."""
+
+    @abc.abstractmethod
+    def views(self, images: torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:
+        """The augmented, normalised float views [B, C, s, s] one training step would see."""
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """AdamW groups; biases, norms, tokens and position embeddings get no weight decay."""

@@ -99,6 +99,10 @@ class SimMIM(Method):
             x = random_hflip(x, generator=generator)
         return normalize(x, self.mean, self.std)
 
+    def views(self, images: torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:
+        """One view: the augmented image (masking is applied on top of it, on the patch grid)."""
+        return [self.augment(images, generator)]
+
     def training_step(self, images: torch.Tensor, generator: torch.Generator) -> StepOutput:
         x = self.augment(images, generator)
         mask = self.make_mask(x.shape[0], generator, x.device)
