@@ -154,6 +154,7 @@ def test_config_overrides_and_saved_config(idx_dir, tmp_path):
     )
     assert cfg.optim.lr == 0.002 and cfg.method_config.mask_ratio == 0.5
     assert cfg.optim.warmup_fraction == 0.1 and cfg.method_config.hflip is False
+    assert build_config(None, ["lr=1e-3"]).optim.lr == 0.001  # YAML 1.1 reads 1e-3 as a string
     with pytest.raises(ConfigError, match="unknown option 'lrr'"):
         build_config(None, ["lrr=1"])
     with pytest.raises(ConfigError, match="must be float"):

@@ -70,6 +70,8 @@ class PretrainConfig:
     device: str = "auto"
     #: fp32 or bf16 (autocast)
     precision: str = "fp32"
+    #: channels_last memory format; None = on for CNN backbones (about 30% faster on CPU), off otherwise
+    channels_last: bool | None = None
     #: DataLoader workers for large image folders (in-memory data needs none)
     num_workers: int = 2
     #: labeled held-out data for the online k-NN monitor (None = no monitor)
@@ -140,6 +142,11 @@ def _coerce(kind: Any, value: Any, where: str) -> Any:
         return value
     if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
+    if kind is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if kind is int and isinstance(value, float) and value.is_integer():
         return int(value)
     if kind in (int, float, str, bool) and not isinstance(value, kind):

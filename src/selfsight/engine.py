@@ -161,6 +161,9 @@ class Trainer:
         else:
             mean, std = self.images.mean_std()
         self.method: Method = create_method(cfg.method, backbone, cfg.method_config, mean, std).to(self.device)
+        channels_last = cfg.channels_last if cfg.channels_last is not None else backbone.family == "cnn"
+        if channels_last:
+            self.method.to(memory_format=torch.channels_last)
         self.monitor = None
         if cfg.monitor_data:
             from selfsight.monitor import KnnMonitor  # selfsight.eval imports this module
