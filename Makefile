@@ -1,5 +1,5 @@
 # selfsight: two commands that work on a fresh machine.
-#   make demo   set up, then pre-train on Fashion-MNIST and compare with scratch on 600 labels (~15 min)
+#   make demo   set up, then pre-train on Fashion-MNIST, compare with scratch on 600 labels, write an HTML report
 #   make test   set up, then run the test suite (~2-3 min on 2 cores)
 
 PYTHON ?= python3
@@ -35,8 +35,10 @@ data:
 demo: setup data
 	$(VENV)/bin/selfsight demo --out runs/demo --minutes $(DEMO_MINUTES)
 
+# the report test opens the HTML report in headless Chromium (Debian's chromium, installed here when missing)
 test: setup
-	$(VENV)/bin/python -m pytest -q
+	@sh scripts/ensure_chromium.sh
+	SELFSIGHT_REQUIRE_CHROMIUM=1 $(VENV)/bin/python -m pytest -q
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -109,6 +109,19 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("overrides", nargs="*", metavar="key=value", help="method options: crop_scale=[0.2,1] ...")
 
+    g = sub.add_parser("diagnose", help="attention distance, head diversity, CKA, reconstructions, embedding map")
+    g.add_argument("run", help="run directory")
+    g.add_argument("--data", help="images to diagnose on (default: the run's own data)")
+    g.add_argument("--compare", nargs="+", default=[], metavar="RUN2", help="runs to compare layer by layer (CKA)")
+    g.add_argument("--num-images", type=int, default=256, help="size of the fixed image sample (default 256)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto")
+
+    r = sub.add_parser("report", help="one self-contained HTML report of one or more runs, side by side")
+    r.add_argument("runs", nargs="+", metavar="RUN", help="run directories (or a demo folder)")
+    r.add_argument("--out", required=True, help="HTML file to write")
+    r.add_argument("--title", help="page title")
+
     sub.add_parser("methods", help="list the pre-training methods")
     return parser
 
@@ -230,6 +243,33 @@ def _views(args: argparse.Namespace) -> int:
     return 0
 
 
+def _diagnose(args: argparse.Namespace) -> int:
+    from selfsight.diagnostics import diagnose
+
+    result = diagnose(
+        args.run, data=args.data, compare=args.compare, num_images=args.num_images, seed=args.seed, device=args.device
+    )
+    for layer in result.get("attention") or []:
+        diversity = layer["head_diversity"]
+        print(
+            f"{layer['name']:>8s}: attention distance {layer['mean_distance_px']:6.2f} px, "
+            f"entropy {layer['mean_entropy']:.3f}, head diversity "
+            + ("-" if diversity is None else f"{diversity:.3f}")
+        )
+    if result.get("attention_note"):
+        print(result["attention_note"])
+    print(f"wrote {result['path']} and {len(result['plots'])} plots")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from selfsight.report import write_report
+
+    path = write_report(args.runs, args.out, title=args.title)
+    print(f"wrote {path}: open it in a browser (self-contained, works offline)")
+    return 0
+
+
 def _methods(_: argparse.Namespace) -> int:
     from selfsight.registry import get_method_class, list_methods
 
@@ -245,6 +285,8 @@ COMMANDS = {
     "export": _export,
     "demo": _demo,
     "views": _views,
+    "diagnose": _diagnose,
+    "report": _report,
     "methods": _methods,
 }
 

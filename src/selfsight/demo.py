@@ -12,9 +12,11 @@ from typing import Any
 from selfsight.checkpoint import list_checkpoints
 from selfsight.config import DEFAULT_DATA_DIR, build_config
 from selfsight.data.idx import find_idx_files
+from selfsight.diagnostics import diagnose
 from selfsight.engine import pretrain
 from selfsight.errors import DataError
 from selfsight.eval.api import EvalConfig, evaluate
+from selfsight.report import write_report
 
 MISSING_DATA = (
     "Fashion-MNIST not found in {path}: install Debian's package (sudo apt-get install dataset-fashion-mnist), "
@@ -36,7 +38,10 @@ def run_demo(
         raise DataError(MISSING_DATA.format(path=data_dir))
     out = Path(out)
     run = out / "pretrain"
-    cfg = build_config(None, None, data=f"{data_dir}:train", out=str(run), minutes=minutes, device=device)
+    cfg = build_config(
+        None, None, data=f"{data_dir}:train", out=str(run), minutes=minutes, device=device,
+        monitor_data=f"{data_dir}:test",
+    )
     if (run / "pretrain.json").is_file():
         print(f"reusing the finished pre-training in {run} (delete it to train again)")
         pretrained = json.loads((run / "pretrain.json").read_text())
@@ -89,8 +94,12 @@ def run_demo(
         },
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print("diagnostics: attention distance, head diversity, CKA, reconstructions, embedding map")
+    diagnose(run, data=f"{data_dir}:test", device=device)
+    report = write_report([out], out / "report.html", title="selfsight demo: SimMIM on Fashion-MNIST")
     print(format_table(summary))
     print(f"summary written to {out / 'summary.json'}")
+    print(f"report written to {report} (open it in a browser)")
     return summary
 
 

@@ -1,0 +1,89 @@
+"""Reconstructions of a masked-image-modelling run: original, masked input and prediction.
+
+The method is re-created from the run's ``config.yaml`` and ``run.json`` (input normalisation) and
+loaded with the newest checkpoint's ``model`` state, so its decoder is the one that was trained. The
+mask is drawn by the method itself (``make_mask``) from a fixed seed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from selfsight.backbones import Backbone
+from selfsight.checkpoint import load_latest_checkpoint, read_run_info
+from selfsight.config import load_config
+from selfsight.eval.features import pixels_to_input
+from selfsight.registry import create_method, get_method_class
+
+#: the grey (in [0, 1] pixel units) that replaces masked patches in the "masked input" column
+MASK_GREY = 0.5
+
+
+@dataclass
+class Reconstruction:
+    """Images in [0, 1], float32 [K, C, S, S] each, and the mask.
+
+    ``reconstruction`` is the prediction pasted into the masked patches, with the visible pixels of the
+    original elsewhere (what SimMIM's loss trains; its prediction of visible pixels is not trained);
+    ``prediction`` is the decoder's full output.
+    """
+
+    original: torch.Tensor
+    masked: torch.Tensor
+    reconstruction: torch.Tensor
+    prediction: torch.Tensor
+    pixel_mask: torch.Tensor  # bool [K, S, S], True = masked
+    masked_l1: float  # the method's loss on these images: L1 on masked normalised pixels
+    mask_ratio: float  # fraction of pixels masked
+
+
+def is_masked_image_modelling(method_name: str) -> bool:
+    """True for methods that predict pixels of masked patches: ``make_mask`` and ``forward(x, mask)``
+    returning ``(loss, prediction [B, C, H, W], pixel_mask [B, H, W])`` (SimMIM)."""
+    return callable(getattr(get_method_class(method_name), "make_mask", None))
+
+
+@torch.no_grad()
+def reconstruct(
+    run_dir: str | Path, images: torch.Tensor, seed: int = 0, device: str | torch.device = "cpu"
+) -> tuple[Reconstruction | None, str | None]:
+    """Mask ``images`` (uint8 [K, C, S, S] at the run's size) and predict them with the run's method.
+
+    Returns ``(Reconstruction, None)``, or ``(None, note)`` when the run's method does not reconstruct
+    pixels.
+    """
+    run_dir = Path(run_dir)
+    cfg = load_config(run_dir / "config.yaml")
+    if not is_masked_image_modelling(cfg.method):
+        return None, f"reconstructions apply to masked image modelling runs; this run's method is {cfg.method}"
+    info = read_run_info(run_dir)
+    state, _ = load_latest_checkpoint(run_dir)
+    arch = info["backbone"]
+    opts = {k: tuple(v) if isinstance(v, list) else v for k, v in arch.get("opts", {}).items()}
+    method = create_method(cfg.method, Backbone(arch["name"], opts), cfg.method_config, info["mean"], info["std"])
+    method.load_state_dict(state["model"])
+    method.to(device).eval()
+    x = pixels_to_input(images, info["mean"], info["std"], device)
+    mask = method.make_mask(x.shape[0], torch.Generator().manual_seed(seed), x.device)
+    loss, prediction, pixel_mask = method(x, mask)
+    if prediction.shape != x.shape:
+        return None, f"the {cfg.method} prediction has shape {list(prediction.shape)}, not that of the images"
+    mean = torch.tensor(info["mean"], device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(info["std"], device=x.device).view(1, -1, 1, 1)
+    pixel_mask = pixel_mask.bool()
+    weight = pixel_mask.unsqueeze(1)
+    original = (x * std + mean).clamp(0, 1)
+    predicted = (prediction.float() * std + mean).clamp(0, 1)
+    result = Reconstruction(
+        original=original.cpu(),
+        masked=torch.where(weight, torch.full_like(original, MASK_GREY), original).cpu(),
+        reconstruction=torch.where(weight, predicted, original).cpu(),
+        prediction=predicted.cpu(),
+        pixel_mask=pixel_mask.cpu(),
+        masked_l1=float(loss),
+        mask_ratio=float(pixel_mask.float().mean()),
+    )
+    return result, None
