@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from selfsight.backbones import Backbone, param_groups
+from selfsight.data.views import ViewSpec, make_views
 
 
 @dataclass
@@ -42,9 +43,12 @@ class Method(nn.Module, abc.ABC):
     def training_step(self, images: torch.Tensor, generator: torch.Generator) -> StepOutput:
         """images: uint8 [B, C, S, S] on the training device; all randomness from ``generator``."""
 
-    @abc.abstractmethod
+    #: the recipes of the views a step trains on (set by methods that use ``selfsight.data.views``)
+    view_specs: list[ViewSpec]
+
     def views(self, images: torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:
-        """The augmented, normalised float views [B, C, s, s] one training step would see."""
+        """The augmented, normalised float views [B, C, s, s] one training step would see (one per view spec)."""
+        return make_views(images, self.view_specs, self.mean, self.std, generator=generator)
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """AdamW groups; biases, norms, tokens and position embeddings get no weight decay."""

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import torch
 
 from selfsight.backbones import Backbone
-from selfsight.data.views import make_views
 from selfsight.ema import cosine_momentum, ema_update, make_momentum_copy
 from selfsight.heads import MLPHead
 from selfsight.losses import negative_cosine
@@ -43,9 +42,6 @@ class BYOL(Method):
         self.target_backbone = make_momentum_copy(backbone)
         self.target_projector = make_momentum_copy(self.projector)
         self.view_specs = config.two_view_specs(backbone.img_size, backbone.in_chans)
-
-    def views(self, images: torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:
-        return make_views(images, self.view_specs, self.mean, self.std, generator=generator)
 
     def training_step(self, images: torch.Tensor, generator: torch.Generator) -> StepOutput:
         x = torch.cat(self.views(images, generator))  # [2B, C, S, S]: both views in one pass

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 import torch
 
 from selfsight.backbones import Backbone
-from selfsight.data.views import make_views
 from selfsight.ema import cosine_momentum, ema_update, make_momentum_copy
 from selfsight.errors import ConfigError
 from selfsight.heads import DINOHead
@@ -87,16 +86,13 @@ class DINO(Method):
         if not backbone.accepts_any_size and local_size != size:
             log.info("%s takes %d-px inputs only: DINO's local crops are rendered at %d px", backbone.name, size, size)
             local_size = size
-        self.global_specs = config.two_view_specs(size, backbone.in_chans)
+        global_specs = config.two_view_specs(size, backbone.in_chans)
         local = config.view_spec(
             0, local_size, backbone.in_chans, crop_scale=config.local_crop_scale, blur_p=config.local_blur_p
         )
-        self.local_specs = [local] * config.num_local_crops
+        self.view_specs = global_specs + [local] * config.num_local_crops  # 2 global crops, then the local ones
         self._pending_teacher: list[torch.Tensor] = []
 
-    def views(self, images: torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:
-        """2 global crops, then ``num_local_crops`` local crops."""
-        return make_views(images, self.global_specs + self.local_specs, self.mean, self.std, generator=generator)
 
     def training_step(self, images: torch.Tensor, generator: torch.Generator) -> StepOutput:
         views = self.views(images, generator)

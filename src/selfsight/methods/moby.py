@@ -14,7 +14,6 @@ from dataclasses import dataclass
 import torch
 
 from selfsight.backbones import Backbone
-from selfsight.data.views import make_views
 from selfsight.ema import cosine_momentum, ema_update, make_momentum_copy
 from selfsight.heads import MLPHead
 from selfsight.losses import info_nce
@@ -48,9 +47,6 @@ class MoBY(Method):
         self.queue2 = KeyQueue(config.queue_size, config.proj_dim)  # keys of second views
         self.view_specs = config.two_view_specs(backbone.img_size, backbone.in_chans)
         self._pending_keys: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-    def views(self, images: torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:
-        return make_views(images, self.view_specs, self.mean, self.std, generator=generator)
 
     def training_step(self, images: torch.Tensor, generator: torch.Generator) -> StepOutput:
         x1, x2 = self.views(images, generator)

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import torch
 
 from selfsight.backbones import Backbone
-from selfsight.data.views import make_views
 from selfsight.heads import MLPHead
 from selfsight.losses import nt_xent
 from selfsight.methods.base import Method, StepOutput
@@ -43,9 +42,6 @@ class SimCLR(Method):
         super().__init__(backbone, config, mean, std)
         self.projector = MLPHead(backbone.num_features, config.proj_hidden_dim, config.proj_dim)
         self.view_specs = config.two_view_specs(backbone.img_size, backbone.in_chans)
-
-    def views(self, images: torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:
-        return make_views(images, self.view_specs, self.mean, self.std, generator=generator)
 
     def training_step(self, images: torch.Tensor, generator: torch.Generator) -> StepOutput:
         x = torch.cat(self.views(images, generator))  # [2B, C, S, S]
