@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist
-DEMO_MINUTES ?= 8
+DEMO_STEPS ?= 1000
 
 .PHONY: setup data demo test lint clean
 
@@ -33,7 +33,7 @@ data:
 	fi
 
 demo: setup data
-	$(VENV)/bin/selfsight demo --out runs/demo --minutes $(DEMO_MINUTES)
+	$(VENV)/bin/selfsight demo --out runs/demo --steps $(DEMO_STEPS)
 
 # the report test opens the HTML report in headless Chromium (Debian's chromium, installed here when missing)
 test: setup

@@ -95,7 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="pre-train on Fashion-MNIST, then compare with scratch on 600 labels")
     d.add_argument("--out", default="runs/demo")
-    d.add_argument("--minutes", type=float, default=8.0, help="pre-training budget")
+    demo_budget = d.add_mutually_exclusive_group()
+    demo_budget.add_argument("--steps", type=int, help="pre-training steps (default 1000, about 8 min on 2 cores)")
+    demo_budget.add_argument("--minutes", type=float, help="pre-training budget in minutes instead of steps")
     d.add_argument("--labels-per-class", type=int, default=60)
     d.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX folder")
     d.add_argument("--device", default="auto")
@@ -219,6 +221,7 @@ def _demo(args: argparse.Namespace) -> int:
     run_demo(
         args.out,
         minutes=args.minutes,
+        steps=args.steps,
         labels_per_class=args.labels_per_class,
         data_dir=args.data_dir,
         device=args.device,
