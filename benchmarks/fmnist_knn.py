@@ -159,7 +159,8 @@ def method_config(method: str, args: argparse.Namespace, out: Path) -> PretrainC
         method=method,
         data=f"{args.data_dir}:train",
         out=str(out),
-        minutes=args.minutes,
+        minutes=None if args.epochs else args.minutes,
+        epochs=args.epochs,
         backbone=args.backbone,
         backbone_opts=parse_backbone_opts(args.backbone_opts),
         batch_size=args.batch_size,
@@ -212,7 +213,11 @@ def run_peer(method: str, args: argparse.Namespace, data: EvalData, device: torc
         backbone.model.load_state_dict(torch.load(weights, map_location="cpu"))
     else:
         print(f"[{name}] training lightly {peer_lightly.lightly_version()} {method} in {folder}", flush=True)
-        backbone, summary = peer_lightly.run_lightly(method, cfg, cfg.minutes)
+        if cfg.epochs:  # the same number of steps as selfsight's engine plans for --epochs
+            steps = max(1, round(cfg.epochs * (FULL_TRAIN // cfg.batch_size)))
+            backbone, summary = peer_lightly.run_lightly(method, cfg, steps=steps)
+        else:
+            backbone, summary = peer_lightly.run_lightly(method, cfg, minutes=cfg.minutes)
         folder.mkdir(parents=True, exist_ok=True)
         torch.save(backbone.model.state_dict(), weights.with_name("backbone.pt.tmp"))
         os.replace(weights.with_name("backbone.pt.tmp"), weights)
@@ -321,6 +326,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--methods", nargs="*", default=list(METHODS),
                         help=f"default: {' '.join(METHODS)}; none with --raw-pixels alone")
     parser.add_argument("--minutes", type=float, default=30.0, help="pre-training budget per method")
+    parser.add_argument("--epochs", type=float, default=None,
+                        help="pre-train for this many passes over the 60,000 images instead of --minutes (the same "
+                        "work whatever else runs on the machine; the minutes taken are reported)")
     parser.add_argument("--peer", choices=["lightly"], default=None,
                         help="also run lightly's BYOL and SimCLR (bash benchmarks/setup_peer.sh first)")
     parser.add_argument("--raw-pixels", action="store_true", help="also measure the raw-pixel baselines")

@@ -187,16 +187,21 @@ def seconds_per_step(model: nn.Module, loss_fn: LossFn, views: Callable, images:
         return (time.perf_counter() - start) / timed
 
 
-def run_lightly(method: str, cfg: PretrainConfig, minutes: float, progress: bool = True) -> tuple[Backbone, dict]:
-    """Train lightly's ``method`` ('byol' or 'simclr') for ``minutes`` of wall time on ``cfg``'s data.
+def run_lightly(method: str, cfg: PretrainConfig, minutes: float | None = None, steps: int | None = None,
+                progress: bool = True) -> tuple[Backbone, dict]:
+    """Train lightly's ``method`` ('byol' or 'simclr') for ``minutes`` of wall time, or for ``steps`` optimiser
+    steps, on ``cfg``'s data.
 
     ``cfg`` is the selfsight config of the same method (backbone, data, seed, batch size, optimizer, head sizes);
-    its budget fields are ignored in favour of ``minutes``. Returns the trained online backbone (eval mode) and a
+    its budget fields are ignored in favour of ``minutes`` / ``steps`` (exactly one of them).
+    Returns the trained online backbone (eval mode) and a
     summary: steps, planned_steps, images_seen, minutes, img_per_s, final_loss, mean/std (the normalisation of
     the views, for the evaluation) and lightly_version.
     """
     if method not in PEER_METHODS:
         raise ConfigError(f"the lightly peer implements {', '.join(PEER_METHODS)}, not {method!r}")
+    if (minutes is None) == (steps is None):
+        raise ConfigError("run_lightly: give exactly one of minutes and steps")
     if cfg.optim.accum_steps != 1:
         raise ConfigError("the lightly peer does not accumulate gradients: use optim.accum_steps=1")
     device = resolve_device(cfg.device)
@@ -213,9 +218,12 @@ def run_lightly(method: str, cfg: PretrainConfig, minutes: float, progress: bool
     model.to(device)
     optimizer = make_optimizer(model, cfg)
 
-    per_step = seconds_per_step(model, loss_fn, view_maker.views, images, cfg, device)
-    time_limit = minutes * 60
-    total_steps = max(1, int(time_limit * 0.97 / per_step))
+    if steps is None:
+        per_step = seconds_per_step(model, loss_fn, view_maker.views, images, cfg, device)
+        time_limit = minutes * 60
+        total_steps = max(1, int(time_limit * 0.97 / per_step))
+    else:  # a fixed number of steps, as selfsight's --steps / --epochs: no time limit, no re-planning
+        per_step, time_limit, total_steps = None, math.inf, int(steps)
     warmup_steps = (cfg.optim.warmup_steps if cfg.optim.warmup_steps is not None
                     else int(round(cfg.optim.warmup_fraction * total_steps)))
     replan_at = max(warmup_steps, 10)
@@ -248,7 +256,7 @@ def run_lightly(method: str, cfg: PretrainConfig, minutes: float, progress: bool
             bar.set_postfix(loss=f"{loss_value:.4f}")
         if step == 3:
             mark = (step, time.perf_counter())
-        if step == replan_at:  # re-plan from the measured speed once, where the lr factor is 1 (as the engine)
+        if step == replan_at and steps is None:  # re-plan from the measured speed once, where the lr factor is 1
             measured = (time.perf_counter() - mark[1]) / max(1, step - mark[0])
             total_steps = max(step, step + int(max(0.0, time_limit * 0.98 - (time.perf_counter() - start)) / measured))
             bar.total = total_steps
@@ -266,7 +274,7 @@ def run_lightly(method: str, cfg: PretrainConfig, minutes: float, progress: bool
         "minutes": round(seconds / 60, 3),
         "img_per_s": round(step * batch_images / max(seconds, 1e-9), 2),
         "final_loss": loss_value,
-        "seconds_per_step_planned": round(per_step, 4),
+        "seconds_per_step_planned": None if per_step is None else round(per_step, 4),
         "mean": [float(v) for v in mean],
         "std": [float(v) for v in std],
     }
