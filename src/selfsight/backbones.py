@@ -245,6 +245,18 @@ class Backbone(nn.Module):
         return set(getter()) if callable(getter) else set()
 
 
+def sync_batchnorm(module: nn.Module) -> nn.Module:
+    """``module`` with its BatchNorm layers replaced by ``torch.nn.SyncBatchNorm`` (CUDA data parallelism).
+
+    timm's converter: it also converts timm's BatchNormAct layers (norm + activation in one module),
+    which ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` would turn into a bare norm. Parameters and
+    buffers are shared with the replaced layers.
+    """
+    from timm.layers import convert_sync_batchnorm
+
+    return convert_sync_batchnorm(module)
+
+
 def param_groups(module: nn.Module, weight_decay: float, skip_names: set[str] | None = None) -> list[dict]:
     """Two AdamW groups: weights with decay; biases, norms, tokens and embeddings without.
 

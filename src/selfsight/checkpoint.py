@@ -22,13 +22,17 @@ from typing import Any
 
 import torch
 
+from selfsight import distributed
 from selfsight.backbones import Backbone
-from selfsight.errors import CheckpointError
+from selfsight.errors import CheckpointError, ConfigError
 from selfsight.registry import get_method_class
 
 log = logging.getLogger("selfsight")
 
 CHECKPOINT_DIR = "checkpoints"
+#: written into a run directory when a torchrun job's first attempt refuses to start there (it holds
+#: checkpoints and --resume was not given), so that torchrun's restarts refuse too instead of resuming
+REFUSED_MARKER = ".refused-start"
 _NAME = re.compile(r"^step-(\d{8})\.pt$")
 
 
@@ -43,6 +47,23 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
         return []
     found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name))]
     return [p for _, p in sorted(found, reverse=True)]
+
+
+_TEMP_NAME = re.compile(r"^\.step-\d{8}\.pt\.\d+\.tmp$")
+
+
+def remove_stale_temp_files(run_dir: str | Path) -> list[Path]:
+    """Delete the temporary files a checkpoint write killed half-way left behind (never loaded, only
+    clutter). Call it only while no process of this run is writing a checkpoint. Returns what was deleted."""
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    if not folder.is_dir():
+        return []
+    stale = [p for p in folder.iterdir() if _TEMP_NAME.match(p.name)]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    if stale:
+        log.info("removed %d half-written checkpoint file(s) of an earlier attempt", len(stale))
+    return stale
 
 
 def atomic_write_bytes(path: Path, write: Any) -> None:
@@ -102,6 +123,54 @@ def load_latest_checkpoint(
             log.warning("resuming from %s, the last complete checkpoint", path)
         return state, path
     raise CheckpointError(f"every checkpoint in {Path(run_dir) / CHECKPOINT_DIR} is damaged")
+
+
+def start_state(run_dir: str | Path, resume: bool) -> tuple[dict[str, Any] | None, Path | None]:
+    """The checkpoint a run starts from, the same on every rank: ``(state, path)``, or ``(None, None)``
+    for a fresh run.
+
+    ``resume`` loads the newest complete checkpoint (a damaged newer one is skipped with a warning).
+    Without it, a run directory that holds checkpoints is refused, except in an attempt that torchrun
+    restarted after a failure (``TORCHELASTIC_RESTART_COUNT`` > 0), which resumes by itself. A torchrun
+    job whose first attempt was refused leaves ``REFUSED_MARKER`` behind so that its restarts refuse as
+    well (the next first attempt removes it). Rank 0 picks the checkpoint; the others load the same file.
+    """
+    run_dir = Path(run_dir)
+    # any rank: across machines only the failed node's agent counts the restart
+    (restarted,) = distributed.any_rank(distributed.restart_count() > 0)
+    marker = run_dir / REFUSED_MARKER
+    has_checkpoints = bool(list_checkpoints(run_dir))
+    refusal = f"{run_dir} already holds checkpoints: add --resume to continue that run, or choose another --out"
+    if restarted and marker.exists():
+        raise ConfigError(refusal)
+    if distributed.is_main() and not restarted:
+        marker.unlink(missing_ok=True)
+    if not resume and not (restarted and has_checkpoints):
+        if has_checkpoints:
+            if distributed.is_main() and distributed.launched_by_torchrun():
+                marker.write_text(refusal + "\n")
+            distributed.barrier()  # the marker exists before any rank exits
+            raise ConfigError(refusal)
+        return None, None
+    if not has_checkpoints:
+        raise CheckpointError(f"no checkpoint in {run_dir / CHECKPOINT_DIR}")
+    state, choice = None, None
+    if distributed.is_main():
+        try:
+            state, path = load_latest_checkpoint(run_dir)
+            choice = ("ok", path.name)
+        except CheckpointError as exc:
+            choice = ("error", str(exc))
+    kind, value = distributed.broadcast_object(choice)
+    if kind == "error":
+        raise CheckpointError(value)
+    path = run_dir / CHECKPOINT_DIR / value
+    if state is None:
+        state = load_checkpoint(path)
+    if restarted and not resume and distributed.is_main():
+        log.warning("torchrun restart %d: resuming from %s, the newest complete checkpoint",
+                    distributed.restart_count(), path)
+    return state, path
 
 
 def read_run_info(run_dir: str | Path) -> dict[str, Any]:

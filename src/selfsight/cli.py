@@ -7,6 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
+from selfsight.cli_data import add_data_parser, run_data_command
 from selfsight.errors import SelfsightError
 
 EPILOG = "Run `selfsight COMMAND --help` for a command's options."
@@ -52,8 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--monitor-data", help="labeled held-out data for an online k-NN monitor (e.g. FOLDER or IDX:test)")
     p.add_argument("--monitor-every", type=int, help="steps between k-NN monitor measurements (default 200)")
     p.add_argument("--config", help="YAML file with options (e.g. a run's config.yaml)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument(
+        "--resume", action="store_true",
+        help="continue the run in --out from its last checkpoint (a torchrun restart does so by itself)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the networks")
     p.add_argument(
         "overrides",
         nargs="*",
@@ -124,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, help="HTML file to write")
     r.add_argument("--title", help="page title")
 
+    add_data_parser(sub)
     sub.add_parser("methods", help="list the pre-training methods")
     return parser
 
@@ -131,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _pretrain(args: argparse.Namespace) -> int:
     from selfsight.backbones import parse_backbone_opts
     from selfsight.config import build_config
+    from selfsight.distributed import env_rank
     from selfsight.engine import pretrain
 
     config_file = args.config
@@ -161,8 +168,11 @@ def _pretrain(args: argparse.Namespace) -> int:
         num_workers=args.num_workers,
         monitor_data=args.monitor_data,
         monitor_every=args.monitor_every,
+        compile=args.compile,
     )
     summary = pretrain(cfg, resume=args.resume, progress=not args.no_progress)
+    if env_rank() != 0:  # under torchrun, rank 0 reports
+        return 0
     print(
         f"done: {summary['steps']} steps, {summary['images_seen']} images in {summary['minutes']:.1f} min "
         f"({summary['img_per_s']:.0f} img/s), final loss {summary['final_loss']:.4f}; run in {summary['run_dir']}"
@@ -290,6 +300,7 @@ COMMANDS = {
     "views": _views,
     "diagnose": _diagnose,
     "report": _report,
+    "data": run_data_command,
     "methods": _methods,
 }
 

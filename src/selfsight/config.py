@@ -74,6 +74,8 @@ class PretrainConfig:
     channels_last: bool | None = None
     #: DataLoader workers for large image folders (in-memory data needs none)
     num_workers: int = 2
+    #: torch.compile the method's networks (slow to start; pays off on long GPU runs)
+    compile: bool = False
     #: labeled held-out data for the online k-NN monitor (None = no monitor)
     monitor_data: str | None = None
     #: steps between k-NN monitor measurements (and one at the end)

@@ -5,6 +5,13 @@ Exact resume: the batch of micro-step ``b`` and every random draw of that step (
 are pure functions of ``(seed, b)``; the global torch RNG (dropout, drop-path) is saved in the
 checkpoint. A run interrupted at step k and resumed therefore repeats the uninterrupted run's
 losses bit for bit on CPU.
+
+Data parallelism (``torchrun --nproc-per-node N -m selfsight pretrain ...``): ``batch_size`` is the global
+batch; rank r of W trains on the r-th slice of B / W images of the 1-process run's batch, with that
+slice of its random draws (``selfsight.distributed``). The method runs inside DistributedDataParallel,
+BatchNorm statistics are synchronised, the logged loss is the mean over ranks (the global loss), and
+rank 0 alone writes the run directory. Under torchrun's restarts (``--max-restarts``), a restarted
+attempt resumes from the newest complete checkpoint by itself.
 """
 
 from __future__ import annotations
@@ -25,12 +32,20 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm import tqdm
 
+from selfsight import distributed
 from selfsight.backbones import Backbone
-from selfsight.checkpoint import list_checkpoints, load_latest_checkpoint, save_checkpoint
+from selfsight.checkpoint import (
+    checkpoint_path,
+    list_checkpoints,
+    remove_stale_temp_files,
+    save_checkpoint,
+    start_state,
+)
 from selfsight.config import PretrainConfig, save_config, to_dict
-from selfsight.data import BatchStream, open_images
+from selfsight.data import make_batch_stream, open_images
 from selfsight.errors import ConfigError, TrainingError
 from selfsight.methods.base import Method
 from selfsight.registry import create_method
@@ -61,6 +76,14 @@ def resolve_device(name: str) -> torch.device:
         raise ConfigError(f"unknown device {name!r}; use auto, cpu or cuda[:N]") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {name} asked for, but CUDA is not available")
+    return device
+
+
+def training_device(name: str) -> torch.device:
+    """``resolve_device``; under torchrun a bare ``cuda`` becomes this process's GPU, ``cuda:LOCAL_RANK``."""
+    device = resolve_device(name)
+    if device.type == "cuda" and device.index is None and distributed.env_world() > 1:
+        device = torch.device("cuda", distributed.local_rank())
     return device
 
 
@@ -99,6 +122,36 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def seed_everything(seed: int) -> None:
+    """Seed the global torch, Python and NumPy generators."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def rank_seed(seed: int, rank: int, step: int = 0) -> int:
+    """The global-RNG seed of rank ``rank`` (dropout, drop-path differ across ranks), a pure function."""
+    return (seed * 1_000_003 + (rank + 1) * 7_919 + step * 104_729) % (2**31)
+
+
+def compile_networks(method: Method) -> None:
+    """``torch.compile`` in place (``nn.Module.compile``: names and state dict keys unchanged) each
+    sub-network of ``method`` that has parameters (backbone, heads, momentum copies), and the method's
+    own ``forward`` where it defines one (SimMIM). Compilation happens at the first call."""
+    for child in method.children():
+        if any(True for _ in child.parameters()):
+            child.compile()
+    if type(method).forward is not nn.Module.forward:
+        method.compile()
+
+
+class _WarningsOnly(logging.Filter):
+    """Ranks other than 0 log warnings and errors only (rank 0 logs the run)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING
+
+
 def setup_run_logging(run_dir: Path) -> logging.Handler:
     """Log to ``run_dir/train.log`` (and stderr, where the CLI set it up)."""
     handler = logging.FileHandler(run_dir / "train.log")
@@ -134,28 +187,37 @@ class StopRequest:
 
 
 class Trainer:
-    """One pre-training run. ``Trainer(cfg, resume).fit()`` returns a summary dict."""
+    """One pre-training run. ``Trainer(cfg, resume).fit()`` returns a summary dict.
+
+    Under torchrun every rank builds a Trainer; the constructor joins the process group if needed
+    (``pretrain`` also leaves it at the end; callers of ``Trainer`` call ``distributed.cleanup()``).
+    """
 
     def __init__(self, cfg: PretrainConfig, resume: bool = False, progress: bool = True) -> None:
         self.cfg = cfg
-        self.progress = progress
         self.run_dir = Path(cfg.out)
-        self.device = resolve_device(cfg.device)
-        resume_state = None
-        if resume:
-            resume_state, self.resumed_from = load_latest_checkpoint(self.run_dir)
-        elif list_checkpoints(self.run_dir):
-            raise ConfigError(
-                f"{self.run_dir} already holds checkpoints: add --resume to continue that run, or choose another --out"
-            )
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.log_handler = setup_run_logging(self.run_dir)
-        torch.manual_seed(cfg.seed)
-        random.seed(cfg.seed)
-        np.random.seed(cfg.seed)
+        self.device = training_device(cfg.device)
+        distributed.init_from_env(self.device)
+        self.rank, self.world, self.main = distributed.rank(), distributed.world(), distributed.is_main()
+        self.progress = progress and self.main
+        if cfg.batch_size % self.world:
+            raise ConfigError(f"batch size {cfg.batch_size} (the global batch) must be divisible by the "
+                              f"{self.world} processes")
+        self.local_batch = cfg.batch_size // self.world
+        resume_state, self.resumed_from = start_state(self.run_dir, resume)
+        self.log_handler: logging.Handler | None = None
+        self._log_filter: logging.Filter | None = None
+        if self.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            remove_stale_temp_files(self.run_dir)
+            self.log_handler = setup_run_logging(self.run_dir)
+        else:
+            self._log_filter = _WarningsOnly()
+            log.addFilter(self._log_filter)
+        seed_everything(cfg.seed)  # the same on every rank: identical initial weights and queues
 
         backbone = Backbone(cfg.backbone, cfg.backbone_opts)
-        self.images = open_images(cfg.data, backbone.in_chans, backbone.img_size, progress=progress)
+        self.images = open_images(cfg.data, backbone.in_chans, backbone.img_size, progress=self.progress)
         if resume_state is not None:
             mean, std = resume_state["norm"]["mean"], resume_state["norm"]["std"]
         else:
@@ -164,8 +226,14 @@ class Trainer:
         channels_last = cfg.channels_last if cfg.channels_last is not None else backbone.family == "cnn"
         if channels_last:
             self.method.to(memory_format=torch.channels_last)
+        if self.world > 1:
+            seed_everything(rank_seed(cfg.seed, self.rank))  # dropout and drop-path differ across ranks
+            if distributed.has_batchnorm(self.method):
+                # statistics of the global batch in every BatchNorm: backbone, heads and momentum copies,
+                # whose training-mode forward normalises the keys/targets of the same global batch
+                self.method = distributed.convert_sync_batchnorm(self.method, self.device)
         self.monitor = None
-        if cfg.monitor_data:
+        if cfg.monitor_data and self.main:  # rank 0 alone measures (the others wait at a barrier)
             from selfsight.monitor import KnnMonitor  # selfsight.eval imports this module
 
             self.monitor = KnnMonitor(
@@ -183,13 +251,20 @@ class Trainer:
             self._load_state(resume_state)
             log.info("resuming %s from step %d (%s)", self.run_dir, self.step, self.resumed_from.name)
         else:
-            self.total_steps = self._plan_steps()
+            self.total_steps = distributed.broadcast_object(self._plan_steps())  # rank 0's plan for all
+            if self.main:
+                self._trim_metrics(0)  # lines of an earlier attempt that wrote no checkpoint
         self.warmup_steps = (
             cfg.optim.warmup_steps
             if cfg.optim.warmup_steps is not None
             else int(round(cfg.optim.warmup_fraction * self.total_steps))
         )
-        self._write_run_files(mean, std)
+        if self.main:
+            self._write_run_files(mean, std)
+        if cfg.compile:
+            compile_networks(self.method)
+        # what fit() calls: method.training_step, inside DistributedDataParallel when there are ranks
+        self.step_module, self.ddp = distributed.wrap_training_step(self.method)
 
     # --- planning -----------------------------------------------------------------------------
     def _plan_steps(self) -> int:
@@ -201,11 +276,16 @@ class Trainer:
             return max(1, int(round(cfg.epochs * per_epoch)))
         seconds = self._time_one_step()
         steps = max(1, int(cfg.minutes * 60 * 0.97 / seconds))
-        log.info("budget %.1f min: %.3f s per step measured, planning %d steps", cfg.minutes, seconds, steps)
+        if self.main:
+            log.info("budget %.1f min: %.3f s per step measured, planning %d steps", cfg.minutes, seconds, steps)
         return steps
 
     def _time_one_step(self, warm: int = 2, timed: int = 5) -> float:
-        """Seconds per optimiser step, measured on a copy of the model (the run itself is untouched)."""
+        """Seconds per optimiser step, measured on a copy of the model (the run itself is untouched).
+
+        Every rank times its own copy in step with the others (gathers and BatchNorm synchronisation
+        are collectives); the copy is not wrapped in DDP, so gradients are not averaged.
+        """
         saved_rng = rng_state()
         method = copy.deepcopy(self.method)
         optimizer = torch.optim.AdamW(method.param_groups(0.0), lr=0.0)
@@ -217,7 +297,8 @@ class Trainer:
                 start = time.perf_counter()
             for micro in range(self.accum):
                 images, _ = next(batches)
-                out = method.training_step(images, step_generator(self.cfg.seed, micro))
+                with distributed.rank_share_of_draws():
+                    out = method.training_step(images, step_generator(self.cfg.seed, micro))
                 (out.loss / self.accum).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -232,13 +313,17 @@ class Trainer:
             torch.cuda.synchronize(self.device)
 
     def _batches(self, start_batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-        stream = BatchStream(
+        """This rank's share of global batches start_batch, start_batch + 1, ... on the device (streamed
+        from tar shards when the data is a shards folder, else indexed)."""
+        stream = make_batch_stream(
             self.images,
-            self.cfg.batch_size,
+            self.local_batch,
             self.cfg.seed,
             start_batch=start_batch,
             num_workers=self.cfg.num_workers,
             pin_memory=self.device.type == "cuda",
+            rank=self.rank,
+            world_size=self.world,
         )
         for images, labels in stream:
             yield images.to(self.device, non_blocking=True), labels
@@ -249,13 +334,14 @@ class Trainer:
 
         Done once, at the end of warm-up, where the learning-rate factor is 1 whatever the total, so
         the schedule stays continuous; the timed step before training only gives the first estimate.
-        The speed is measured from the third step on, once start-up costs are paid.
+        The speed is measured from the third step on, once start-up costs are paid. Every rank takes
+        rank 0's plan.
         """
         now = time.perf_counter()
         spent = self.elapsed_before + now - self.start_time
         mark_step, mark_time = self._speed_mark
         per_step = (now - mark_time) / max(1, self.step - mark_step)
-        planned = self.step + int(max(0.0, time_limit * 0.98 - spent) / per_step)
+        planned = distributed.broadcast_object(self.step + int(max(0.0, time_limit * 0.98 - spent) / per_step))
         if planned != self.total_steps:
             log.info("measured %.3f s per step: re-planning %d -> %d steps", per_step, self.total_steps, planned)
             self.total_steps = max(planned, self.step)
@@ -279,8 +365,15 @@ class Trainer:
         self.step = int(state["step"])
         self.total_steps = int(state["schedule"]["total_steps"])
         self.elapsed_before = float(state.get("elapsed_s", 0.0))
-        set_rng_state(state["rng"])
-        self._trim_metrics(self.step)
+        per_rank = state.get("rng_per_rank")
+        if self.world > 1 and per_rank is not None and len(per_rank) == self.world:
+            set_rng_state(per_rank[self.rank])
+        else:
+            set_rng_state(state["rng"])
+            if self.world > 1:  # saved by another number of processes: fresh per-rank streams
+                seed_everything(rank_seed(self.cfg.seed, self.rank, self.step))
+        if self.main:
+            self._trim_metrics(self.step)
 
     def _trim_metrics(self, step: int) -> None:
         """Drop metric lines logged after the checkpoint we resume from (they will be logged again)."""
@@ -299,6 +392,7 @@ class Trainer:
             "data": self.images.summary(),
             "total_steps": self.total_steps,
             "batch_size": self.cfg.batch_size * self.accum,
+            "processes": self.world,
         }
         (self.run_dir / "run.json").write_text(json.dumps(info, indent=2))
 
@@ -325,7 +419,21 @@ class Trainer:
             )
 
     def save(self) -> Path:
-        return save_checkpoint(self.state_dict(), self.run_dir, self.step, keep=self.cfg.keep_checkpoints)
+        """Every rank calls this; rank 0 writes the checkpoint (atomically) and no rank goes on before it
+        is complete. The global RNG state of every rank is saved, for exact resume of dropout."""
+        per_rank_rng = distributed.gather_objects(rng_state()) if self.world > 1 else None
+        path = checkpoint_path(self.run_dir, self.step)
+        if self.main:
+            state = self.state_dict()
+            if per_rank_rng is not None:
+                state["rng_per_rank"] = per_rank_rng
+            path = save_checkpoint(state, self.run_dir, self.step, keep=self.cfg.keep_checkpoints)
+        distributed.barrier()
+        return path
+
+    def _no_sync(self, skip: bool):
+        """DDP's ``no_sync`` for the micro-steps whose gradients are only accumulated (all but the last)."""
+        return self.ddp.no_sync() if skip and self.ddp is not None else nullcontext()
 
     # --- the loop -----------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
@@ -343,18 +451,27 @@ class Trainer:
             dynamic_ncols=True,
             file=sys.stderr,
         )
-        metrics_file = open(self.run_dir / "metrics.jsonl", "a")
-        self.method.train()
+        metrics_file = open(self.run_dir / "metrics.jsonl", "a") if self.main else None
+
+        def write_record(record: dict[str, Any]) -> None:
+            if metrics_file is not None:
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
+
+        self.step_module.train()
         window_start, window_steps, start_step = time.perf_counter(), 0, self.step
         last_loss = float("nan")
         with StopRequest() as stop:
             try:
                 while self.step < self.total_steps:
-                    if stop.requested:
+                    # decided together: a Ctrl-C or the clock seen by any rank stops every rank at this step
+                    out_of_time = self.elapsed_before + time.perf_counter() - self.start_time > time_limit
+                    stop_now, out_of_time = distributed.any_rank(stop.requested, out_of_time)
+                    if stop_now:
                         bar.close()
                         path = self.save()
                         raise Interrupted(self.step, path)
-                    if self.elapsed_before + time.perf_counter() - self.start_time > time_limit:
+                    if out_of_time:
                         log.info(
                             "time budget of %.1f min reached at step %d of %d", cfg.minutes, self.step, self.total_steps
                         )
@@ -367,19 +484,23 @@ class Trainer:
                     for micro in range(self.accum):
                         images, _ = next(batches)
                         generator = step_generator(cfg.seed, self.step * self.accum + micro)
-                        with autocast:
-                            out = self.method.training_step(images, generator)
-                        loss_value = out.loss.item()
-                        if not math.isfinite(loss_value):
-                            kept = list_checkpoints(self.run_dir)
-                            where = (
-                                f"the last good checkpoint is {kept[0]}" if kept else "no checkpoint was written yet"
-                            )
-                            raise TrainingError(
-                                f"loss is {loss_value} at step {self.step}; stopping ({where}; "
-                                "try a lower lr or fp32, then --resume)"
-                            )
-                        (out.loss / self.accum).backward()
+                        with self._no_sync(micro < self.accum - 1):
+                            with autocast, distributed.rank_share_of_draws():
+                                out = self.step_module(images, generator)
+                            # the mean over ranks: the global batch's loss, the same number on every rank
+                            loss_value = float(distributed.all_reduce_mean(out.loss.detach()))
+                            if not math.isfinite(loss_value):  # every rank sees it and stops
+                                kept = list_checkpoints(self.run_dir)
+                                where = (
+                                    f"the last good checkpoint is {kept[0]}"
+                                    if kept
+                                    else "no checkpoint was written yet"
+                                )
+                                raise TrainingError(
+                                    f"loss is {loss_value} at step {self.step}; stopping ({where}; "
+                                    "try a lower lr or fp32, then --resume)"
+                                )
+                            (out.loss / self.accum).backward()
                         loss_sum += loss_value
                         extra = out.metrics
                     grad_norm = None
@@ -411,27 +532,31 @@ class Trainer:
                             **({"grad_norm": grad_norm} if grad_norm is not None else {}),
                             **extra,
                         }
-                        metrics_file.write(json.dumps(record) + "\n")
-                        metrics_file.flush()
+                        write_record(record)
                         bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{throughput:.0f}")
                         window_start, window_steps = now, 0
-                    self._watch_collapse(extra)
-                    if self.monitor is not None and (
-                        self.step % cfg.monitor_every == 0 or self.step == self.total_steps
-                    ):
+                    if self.main:
+                        self._watch_collapse(extra)
+                    if cfg.monitor_data and (self.step % cfg.monitor_every == 0 or self.step == self.total_steps):
                         monitor_start = time.perf_counter()
-                        accuracy = self._run_monitor()
+                        if self.monitor is not None:
+                            accuracy = self._run_monitor()
+                            write_record({"step": self.step, "knn_monitor": accuracy})
+                            bar.set_postfix(loss=f"{last_loss:.4f}", knn=f"{100 * accuracy:.1f}%")
+                        distributed.barrier()  # the other ranks wait for rank 0's measurement
                         window_start += time.perf_counter() - monitor_start  # img/s counts training only
-                        metrics_file.write(json.dumps({"step": self.step, "knn_monitor": accuracy}) + "\n")
-                        metrics_file.flush()
-                        bar.set_postfix(loss=f"{last_loss:.4f}", knn=f"{100 * accuracy:.1f}%")
+                    distributed.kill_for_fault_test(self.step)
                     if self.step % cfg.ckpt_every == 0 and self.step < self.total_steps:
                         self.save()
             finally:
                 bar.close()
-                metrics_file.close()
-                logging.getLogger("selfsight").removeHandler(self.log_handler)
-                self.log_handler.close()
+                if metrics_file is not None:
+                    metrics_file.close()
+                if self.log_handler is not None:
+                    log.removeHandler(self.log_handler)
+                    self.log_handler.close()
+                if self._log_filter is not None:
+                    log.removeFilter(self._log_filter)
         path = self.save()
         elapsed = self.elapsed_before + time.perf_counter() - self.start_time
         run_seconds = time.perf_counter() - self.start_time
@@ -446,11 +571,22 @@ class Trainer:
             "final_loss": last_loss,
             "checkpoint": str(path),
             "run_dir": str(self.run_dir),
+            "processes": self.world,
         }
-        (self.run_dir / "pretrain.json").write_text(json.dumps(summary, indent=2))
+        if self.main:
+            (self.run_dir / "pretrain.json").write_text(json.dumps(summary, indent=2))
         return summary
 
 
 def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Pre-train ``cfg.backbone`` with ``cfg.method`` on ``cfg.data``; returns a summary dict."""
-    return Trainer(cfg, resume=resume, progress=progress).fit()
+    """Pre-train ``cfg.backbone`` with ``cfg.method`` on ``cfg.data``; returns a summary dict.
+
+    Under torchrun (``WORLD_SIZE`` > 1) every process calls this; it joins the process group (NCCL on
+    CUDA, gloo otherwise) and leaves it at the end when it created it.
+    """
+    created = distributed.init_from_env(training_device(cfg.device))
+    try:
+        return Trainer(cfg, resume=resume, progress=progress).fit()
+    finally:
+        if created:
+            distributed.cleanup()

@@ -33,6 +33,7 @@ def info_nce(
     keys: torch.Tensor,
     temperature: float,
     negatives: torch.Tensor | None = None,
+    positive_offset: int = 0,
 ) -> torch.Tensor:
     """InfoNCE (contrastive cross-entropy) of each query against its key; mean over the N queries.
 
@@ -40,26 +41,37 @@ def info_nce(
     is the positive of row ``i`` of ``query``. Two modes:
 
     - ``negatives is None`` (in-batch, MoCo v3 / CLIP style): the negatives of query ``i`` are the
-      other N-1 keys. ``logits = q @ k.T / temperature`` is [N, N] and the label of row ``i`` is ``i``.
+      other keys. ``logits = q @ k.T / temperature`` is [N, M] and the label of row ``i`` is
+      ``positive_offset + i``. Under data parallelism ``keys`` are every rank's keys gathered, [M, D]
+      with M = world * N, and ``positive_offset = rank * N`` (as in the MoCo v3 paper's code).
     - ``negatives`` given (queue, MoCo v2 / MoBY style): the negatives are the K queue entries only.
       ``logits = [q_i . k_i, q_i @ queue.T] / temperature`` is [N, 1 + K] and every label is 0.
 
     Args:
         query: [N, D] online-branch embeddings (carry the gradient).
-        keys: [N, D] target-branch embeddings; callers detach them when the target is a momentum encoder.
+        keys: [N, D] target-branch embeddings (in-batch mode: [M, D], M >= N); callers detach them
+            when the target is a momentum encoder.
         temperature: softmax temperature tau > 0.
         negatives: optional [K, D] queue of past keys (no gradient expected).
+        positive_offset: in-batch mode, the row of ``keys`` holding query 0's positive.
 
     Returns:
         Scalar loss. MoCo v3 additionally multiplies by ``2 * temperature``; that scaling is the method's.
     """
-    _check_pair("query", query, "keys", keys)
+    if negatives is None and keys.shape[0] != query.shape[0]:
+        if keys.ndim != 2 or keys.shape[1] != query.shape[1] or not 0 <= positive_offset <= len(keys) - len(query):
+            raise ValueError(
+                f"keys must be [M, {query.shape[1]}] holding the positives of the {query.shape[0]} queries at "
+                f"rows {positive_offset}..., got {tuple(keys.shape)}"
+            )
+    else:
+        _check_pair("query", query, "keys", keys)
     _check_temperature("temperature", temperature)
     query = F.normalize(query, dim=1)
     keys = F.normalize(keys, dim=1)
     if negatives is None:
         logits = query @ keys.t()
-        labels = torch.arange(query.shape[0], device=query.device)
+        labels = torch.arange(query.shape[0], device=query.device) + positive_offset
     else:
         if negatives.ndim != 2 or negatives.shape[1] != query.shape[1]:
             raise ValueError(f"negatives must be [K, {query.shape[1]}], got {tuple(negatives.shape)}")
@@ -71,7 +83,14 @@ def info_nce(
     return F.cross_entropy(logits / temperature, labels)
 
 
-def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
+def nt_xent(
+    z1: torch.Tensor,
+    z2: torch.Tensor,
+    temperature: float,
+    all_z1: torch.Tensor | None = None,
+    all_z2: torch.Tensor | None = None,
+    offset: int = 0,
+) -> torch.Tensor:
     """SimCLR's NT-Xent loss over the 2N views of a batch.
 
     ``z1[i]`` and ``z2[i]`` are two views of image ``i``. All 2N embeddings are L2-normalised and
@@ -79,10 +98,17 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Ten
     its similarity with itself is excluded from the softmax. The loss is the mean over the 2N anchors
     of ``-log(exp(s_pos / t) / sum_{k != anchor} exp(s_k / t))``.
 
+    Data parallelism: ``all_z1``, ``all_z2`` [M, D] are the projections of the whole global batch
+    (every rank's, gathered with gradient), this rank's ``z1``, ``z2`` being rows ``offset ... offset + N``
+    of them. The anchors are then this rank's 2N views and the candidates all 2M: the rows of the
+    global [2M, 2M] problem that belong to this rank, so the mean over ranks is the global loss.
+
     Args:
         z1: [N, D] projections of the first views.
         z2: [N, D] projections of the second views.
         temperature: tau > 0.
+        all_z1, all_z2: optional [M, D] projections of the global batch (both or neither).
+        offset: row of ``z1[0]`` in ``all_z1``.
 
     Returns:
         Scalar loss.
@@ -90,11 +116,24 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Ten
     _check_pair("z1", z1, "z2", z2)
     _check_temperature("temperature", temperature)
     n = z1.shape[0]
-    z = F.normalize(torch.cat([z1, z2], dim=0), dim=1)  # [2N, D]
-    logits = (z @ z.t()) / temperature  # [2N, 2N]
-    self_mask = torch.eye(2 * n, dtype=torch.bool, device=z.device)
+    z = F.normalize(torch.cat([z1, z2], dim=0), dim=1)  # [2N, D] anchors
+    if all_z1 is None or all_z2 is None:
+        if all_z1 is not None or all_z2 is not None:
+            raise ValueError("give both all_z1 and all_z2, or neither")
+        candidates, m, offset = z, n, 0
+    else:
+        _check_pair("all_z1", all_z1, "all_z2", all_z2)
+        m = all_z1.shape[0]
+        if all_z1.shape[1] != z1.shape[1] or not 0 <= offset <= m - n:
+            raise ValueError(f"all_z1 [{m}, D] must hold z1 [{n}, D] at rows {offset}...")
+        candidates = F.normalize(torch.cat([all_z1, all_z2], dim=0), dim=1)  # [2M, D]
+    logits = (z @ candidates.t()) / temperature  # [2N, 2M]
+    rows = torch.arange(n, device=z.device) + offset
+    own = torch.cat([rows, rows + m])  # each anchor's own column
+    self_mask = torch.zeros(2 * n, 2 * m, dtype=torch.bool, device=z.device)
+    self_mask[torch.arange(2 * n, device=z.device), own] = True
     logits = logits.masked_fill(self_mask, float("-inf"))
-    labels = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+    labels = torch.cat([rows + m, rows])  # the other view of the same image
     return F.cross_entropy(logits, labels)
 
 

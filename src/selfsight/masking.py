@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from selfsight.distributed import draw_rows
 from selfsight.errors import ConfigError
 
 #: SimMIM masks 32-px squares at 192-px input; the mask-patch size scales with the input size.
@@ -33,12 +34,14 @@ def random_mask(
     """Exactly ``ceil(num_tokens * mask_ratio)`` masked positions per sample, chosen uniformly.
 
     Masking is a pure function of uniform noise: the positions with the smallest noise are masked
-    (the argsort trick of MAE). Returns bool [B, num_tokens].
+    (the argsort trick of MAE). Returns bool [B, num_tokens]. Under data parallelism the noise is
+    drawn for the global batch and this rank's rows are kept (see ``selfsight.distributed.draw_rows``).
     """
     if not 0.0 <= mask_ratio < 1.0:
         raise ConfigError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
     num_masked = math.ceil(num_tokens * mask_ratio)
-    noise = torch.rand(batch_size, num_tokens, generator=generator, device=device)
+    rows, mine = draw_rows(batch_size)
+    noise = torch.rand(rows, num_tokens, generator=generator, device=device)[mine]
     ranks = noise.argsort(dim=1).argsort(dim=1)
     return ranks < num_masked
 

@@ -1,4 +1,4 @@
-"""Data: readers (image folders, IDX, CIFAR pickles), batched iteration and batched augmentation.
+"""Data: readers (image folders, IDX, CIFAR pickles, tar shards), batched iteration and batched augmentation.
 
 Every reader returns an `ImageSet` whose images are uint8 [B, C, S, S]; bad input raises
 `selfsight.errors.DataError` with a one-line message naming the path.
@@ -6,6 +6,7 @@ Every reader returns an `ImageSet` whose images are uint8 [B, C, S, S]; bad inpu
 
 from selfsight.data.imageset import ImageSet, InMemoryImages, LazyFolderImages
 from selfsight.data.loader import BatchStream, epoch_permutation, iterate_in_order
+from selfsight.data.shards import ShardImages, ShardStream, make_batch_stream, open_shards
 from selfsight.data.sources import open_images
 
 __all__ = [
@@ -13,7 +14,11 @@ __all__ = [
     "ImageSet",
     "InMemoryImages",
     "LazyFolderImages",
+    "ShardImages",
+    "ShardStream",
     "epoch_permutation",
     "iterate_in_order",
+    "make_batch_stream",
     "open_images",
+    "open_shards",
 ]

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from selfsight.distributed import draw_rows
+
 # Candidate boxes drawn per sample before falling back to clamping (as torchvision tries 10 times).
 _CROP_ATTEMPTS = 10
 
@@ -45,11 +47,13 @@ def sample_crop_boxes(
     the first candidate that fits is kept, else the first one clamped to the image. The position
     is uniform over where the box fits. Boxes are continuous (sub-pixel), in pixel-edge units.
     generator: a CPU generator. Returns float32 [B, 4] = (left, top, width, height) on the CPU.
+    Under data parallelism, draws for the global batch and keeps this rank's rows (see ``draw_rows``).
     """
-    area = height * width * torch.empty(batch_size, _CROP_ATTEMPTS).uniform_(*scale, generator=generator)
-    log_ratio = torch.empty(batch_size, _CROP_ATTEMPTS).uniform_(
+    rows, mine = draw_rows(batch_size)
+    area = height * width * torch.empty(rows, _CROP_ATTEMPTS).uniform_(*scale, generator=generator)[mine]
+    log_ratio = torch.empty(rows, _CROP_ATTEMPTS).uniform_(
         math.log(ratio[0]), math.log(ratio[1]), generator=generator
-    )
+    )[mine]
     aspect = log_ratio.exp()
     box_w = (area * aspect).sqrt()
     box_h = (area / aspect).sqrt()
@@ -57,7 +61,7 @@ def sample_crop_boxes(
     first_fit = torch.where(fits.any(dim=1), fits.to(torch.int8).argmax(dim=1), 0).unsqueeze(1)
     box_w = box_w.gather(1, first_fit).squeeze(1).clamp(max=width)
     box_h = box_h.gather(1, first_fit).squeeze(1).clamp(max=height)
-    position = torch.rand(batch_size, 2, generator=generator)
+    position = torch.rand(rows, 2, generator=generator)[mine]
     left = position[:, 0] * (width - box_w)
     top = position[:, 1] * (height - box_h)
     return torch.stack([left, top, box_w, box_h], dim=1)
@@ -101,8 +105,10 @@ def random_resized_crop(
 
 
 def sample_flips(batch_size: int, p: float, *, generator: torch.Generator) -> torch.Tensor:
-    """bool [B]: True where a sample is flipped, i.e. torch.rand(B, generator=generator) < p (CPU)."""
-    return torch.rand(batch_size, generator=generator) < p
+    """bool [B]: True where a sample is flipped, i.e. torch.rand(B, generator=generator) < p (CPU).
+    Under data parallelism, drawn for the global batch; this rank's rows are kept (see ``draw_rows``)."""
+    rows, mine = draw_rows(batch_size)
+    return torch.rand(rows, generator=generator)[mine] < p
 
 
 def hflip_where(x: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:

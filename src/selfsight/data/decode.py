@@ -12,6 +12,7 @@ import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
+from typing import IO
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -36,8 +37,8 @@ def _convert_mode(img: Image.Image, in_chans: int) -> Image.Image:
     return img if img.mode == target else img.convert(target)
 
 
-def decode_image_file(path: str, in_chans: int, img_size: int) -> np.ndarray:
-    """Reads one image file.
+def decode_image_file(path: str | IO[bytes], in_chans: int, img_size: int) -> np.ndarray:
+    """Reads one image file (a path, or a binary file object such as `io.BytesIO(encoded_bytes)`).
 
     Returns uint8 `[C, S, S]` with C = in_chans, S = img_size. Raises whatever Pillow raises
     on an unreadable file (use `try_decode_image_file` to get a reason string instead).
@@ -59,7 +60,7 @@ def decode_image_file(path: str, in_chans: int, img_size: int) -> np.ndarray:
     return np.ascontiguousarray(pixels.transpose(2, 0, 1))
 
 
-def try_decode_image_file(path: str, in_chans: int, img_size: int) -> tuple[np.ndarray | None, str]:
+def try_decode_image_file(path: str | IO[bytes], in_chans: int, img_size: int) -> tuple[np.ndarray | None, str]:
     """Like `decode_image_file`, but returns `(None, reason)` for a file that cannot be read.
 
     The reason is one line, e.g. "OSError: image file is truncated (2 bytes not processed)".

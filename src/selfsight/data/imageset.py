@@ -1,4 +1,4 @@
-"""ImageSet: a data set of fixed-size uint8 images, held in memory or decoded lazily from a folder."""
+"""ImageSet: a data set of fixed-size uint8 images, held in memory or decoded lazily (folders, tar shards)."""
 
 from __future__ import annotations
 
@@ -127,33 +127,41 @@ class InMemoryImages(ImageSet):
 
 
 @dataclass
-class LazyFolderImages(ImageSet):
-    """A large folder: files are decoded in `load_batch` (in DataLoader workers during training).
+class LazyImages(ImageSet):
+    """Images decoded on demand in `load_batch` (in DataLoader workers during training).
 
-    Picklable. An unreadable file is replaced by the nearest following readable one (wrapping
-    around), so a run never stops on one bad file; each bad file is logged once per process and
-    added to `skipped` of that process's copy (files found bad in DataLoader workers are only logged).
+    Picklable. An unreadable image is replaced by the nearest following readable one (wrapping
+    around), so a run never stops on one bad file; each bad image is logged once per process and
+    added to `skipped` of that process's copy (images found bad in DataLoader workers are only logged).
+    Subclasses say where image `index` lives (`name_of`) and how to decode it (`try_decode`).
     """
 
     root: str = ""
-    files: list[str] = field(default_factory=list, repr=False)  # relative paths, sorted
     bad_files: set[int] = field(default_factory=set, repr=False)  # indices known to be unreadable
 
+    @abc.abstractmethod
+    def name_of(self, index: int) -> str:
+        """Where image `index` lives, relative to `root` (used in messages and `skipped`)."""
+
+    @abc.abstractmethod
+    def try_decode(self, index: int) -> tuple[np.ndarray | None, str]:
+        """Image `index` as uint8 [C, S, S], or (None, one-line reason) when it cannot be read."""
+
     def path_of(self, index: int) -> str:
-        """Absolute path of image `index`."""
-        return os.path.join(self.root, self.files[index])
+        """Full location of image `index`."""
+        return os.path.join(self.root, self.name_of(index))
 
     def _decode_or_replace(self, index: int) -> tuple[np.ndarray, int]:
-        """Decodes file `index`, or the nearest following readable file. Returns (uint8 [C,S,S], source)."""
+        """Decodes image `index`, or the nearest following readable one. Returns (uint8 [C,S,S], source)."""
         for step in range(self.num_images):
             source = (index + step) % self.num_images
             if source in self.bad_files:
                 continue
-            pixels, reason = try_decode_image_file(self.path_of(source), self.in_chans, self.img_size)
+            pixels, reason = self.try_decode(source)
             if pixels is not None:
                 return pixels, source
             self.bad_files.add(source)
-            self.skipped.append((self.files[source], reason))
+            self.skipped.append((self.name_of(source), reason))
             logger.warning("could not read %s (%s); using the next readable image instead",
                            self.path_of(source), reason)
         raise DataError(f"no image in {self.root} could be read (last tried {self.path_of(index)})")
@@ -171,3 +179,18 @@ class LazyFolderImages(ImageSet):
         """Decodes the chunks with a thread pool (statistics run in the main process)."""
         with ThreadPoolExecutor(max_workers=default_decode_threads()) as pool:
             yield from pool.map(self.get_batch, index_chunks)
+
+
+@dataclass
+class LazyFolderImages(LazyImages):
+    """A large folder whose files are decoded lazily (see `LazyImages`)."""
+
+    files: list[str] = field(default_factory=list, repr=False)  # relative paths, sorted
+
+    def name_of(self, index: int) -> str:
+        """Path of image `index` relative to the folder."""
+        return self.files[index]
+
+    def try_decode(self, index: int) -> tuple[np.ndarray | None, str]:
+        """Decodes file `index`: uint8 [C, S, S], or (None, reason)."""
+        return try_decode_image_file(self.path_of(index), self.in_chans, self.img_size)

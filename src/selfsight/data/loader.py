@@ -4,6 +4,10 @@ The content of global batch b is a pure function of (seed, b): epoch e = b // ba
 is a permutation of range(N) drawn from torch.Generator().manual_seed(seed * 1_000_003 + e), and
 batch b takes the slice (b % batches_per_epoch) * B ... + B of it (the last incomplete batch of each
 epoch is dropped). A run resumed at start_batch=k therefore sees exactly batches k, k+1, ...
+
+Data parallelism: with ``world_size`` W processes each given ``batch_size`` B, global batch b is the
+1-process run's batch of W * B images and rank r takes its r-th contiguous slice of B. Every image is
+then seen once per epoch across the ranks (DistributedSampler's guarantee), and exact resume still holds.
 """
 
 from __future__ import annotations
@@ -31,24 +35,32 @@ def epoch_permutation(num_images: int, seed: int, epoch: int, shuffle: bool = Tr
 
 
 class BatchIndexer:
-    """Maps a global batch index to image indices; caches the current epoch's permutation."""
+    """Maps a global batch index to this rank's image indices; caches the current epoch's permutation.
 
-    def __init__(self, num_images: int, batch_size: int, seed: int, shuffle: bool = True) -> None:
+    batch_size is per rank: a global batch holds batch_size * world_size images, of which rank r has
+    the r-th contiguous slice.
+    """
+
+    def __init__(
+        self, num_images: int, batch_size: int, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1
+    ) -> None:
         self.num_images = num_images
         self.batch_size = batch_size
         self.seed = seed
         self.shuffle = shuffle
-        self.batches_per_epoch = num_images // batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.batches_per_epoch = num_images // (batch_size * world_size)
         self._epoch = -1
         self._order = torch.empty(0, dtype=torch.int64)
 
     def indices(self, batch: int) -> torch.Tensor:
-        """int64 [batch_size]: the image indices of global batch `batch`."""
+        """int64 [batch_size]: rank `rank`'s image indices of global batch `batch`."""
         epoch, position = divmod(batch, self.batches_per_epoch)
         if epoch != self._epoch:
             self._order = epoch_permutation(self.num_images, self.seed, epoch, self.shuffle)
             self._epoch = epoch
-        start = position * self.batch_size
+        start = (position * self.world_size + self.rank) * self.batch_size
         return self._order[start:start + self.batch_size]
 
 
@@ -99,14 +111,16 @@ def _pin(batch: Batch) -> Batch:
 
 
 class BatchStream:
-    """Yields (images uint8 [B, C, S, S], labels int64 [B] or None) for global batch indices
-    start_batch, start_batch + 1, ... forever (epochs roll over).
+    """Yields (images uint8 [B, C, S, S], labels int64 [B] or None) for this rank's share of global
+    batch indices start_batch, start_batch + 1, ... forever (epochs roll over).
 
     Batch b belongs to epoch b // batches_per_epoch; each epoch is a permutation of range(N) drawn
     from torch.Generator().manual_seed(seed * 1_000_003 + epoch); the last incomplete batch of an
     epoch is dropped. So the batch content is a pure function of (seed, b): a resumed run sees
-    exactly the same data. In-memory sets are indexed in the main process; lazy folders are decoded
-    by a DataLoader with `num_workers` workers, each building whole batches.
+    exactly the same data. With `world_size` W > 1, `batch_size` B is the per-rank batch: global batch
+    b is the W * B images a 1-process stream of batch size W * B yields, and rank r gets its r-th
+    contiguous slice (each image once per epoch across ranks). In-memory sets are indexed in the main
+    process; lazy folders are decoded by a DataLoader with `num_workers` workers, each building whole batches.
     """
 
     def __init__(
@@ -118,12 +132,17 @@ class BatchStream:
         num_workers: int = 0,
         pin_memory: bool = False,
         shuffle: bool = True,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         if batch_size < 1:
             raise DataError(f"batch size must be positive for {images.description}, got {batch_size}")
-        if batch_size > images.num_images:
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise DataError(f"rank must lie in [0, world_size), got rank {rank} of world size {world_size}")
+        if batch_size * world_size > images.num_images:
             raise DataError(
-                f"batch size {batch_size} is larger than the {images.num_images} images of "
+                f"batch size {batch_size * world_size} is larger than the {images.num_images} images of "
                 f"{images.description}"
             )
         if start_batch < 0:
@@ -135,14 +154,22 @@ class BatchStream:
         self.num_workers = num_workers
         self.pin_memory = pin_memory and torch.cuda.is_available()
         self.shuffle = shuffle
-        self.batches_per_epoch = images.num_images // batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.batches_per_epoch = images.num_images // (batch_size * world_size)
+
+    def _indexer(self) -> BatchIndexer:
+        return BatchIndexer(
+            self.images.num_images, self.batch_size, self.seed, self.shuffle, self.rank, self.world_size
+        )
 
     def batch_indices(self, batch: int) -> torch.Tensor:
-        """int64 [B]: the image indices of global batch `batch` (a pure function of seed and batch)."""
-        return BatchIndexer(self.images.num_images, self.batch_size, self.seed, self.shuffle).indices(batch)
+        """int64 [B]: this rank's image indices of global batch `batch` (a pure function of seed, batch,
+        rank and world size)."""
+        return self._indexer().indices(batch)
 
     def __iter__(self) -> Iterator[Batch]:
-        indexer = BatchIndexer(self.images.num_images, self.batch_size, self.seed, self.shuffle)
+        indexer = self._indexer()
         if isinstance(self.images, InMemoryImages):
             for batch in itertools.count(self.start_batch):
                 loaded = _load(self.images, indexer.indices(batch))

@@ -8,6 +8,7 @@ from selfsight.data.cifar import cifar_kind, open_cifar_folder
 from selfsight.data.folder import open_folder
 from selfsight.data.idx import find_idx_files, is_idx_file, open_idx_file, open_idx_folder
 from selfsight.data.imageset import ImageSet
+from selfsight.data.shards import is_shard_dir, open_shards
 from selfsight.errors import ConfigError, DataError
 
 SPLITS = ("train", "test")
@@ -46,8 +47,10 @@ def open_images(
 
     spec: an image folder (searched recursively; labels from first-level subfolders when every
     image lies in one), an IDX folder or file (`PATH[:train|:test]`), or a CIFAR-10/100 python
-    folder (`PATH[:train|:test]`); the split defaults to train. For an image folder, a split names
-    the subfolder PATH/split. Raises DataError (one line, naming the path) on bad input.
+    folder (`PATH[:train|:test]`); the split defaults to train; or a shards folder written by
+    `selfsight data pack` (index.json + shard-*.tar; read lazily, streamed with `ShardStream`). For an
+    image or shards folder, a split names the subfolder PATH/split. Raises DataError (one line,
+    naming the path) on bad input.
     """
     _check_options(in_chans, img_size, max_bad_fraction, in_memory_limit)
     path, split = parse_spec(spec)
@@ -75,5 +78,7 @@ def open_images(
             raise DataError(f"{path} is an image folder without a '{split}' subfolder (splits apply to "
                             f"IDX and CIFAR folders, or name the subfolder PATH/{split})")
         path = subfolder
+    if is_shard_dir(path):
+        return open_shards(path, in_chans, img_size)
     return open_folder(path, in_chans, img_size, max_bad_fraction=max_bad_fraction,
                        in_memory_limit=in_memory_limit, progress=progress)

@@ -5,7 +5,9 @@ grayscale -> gaussian blur -> solarize, each with a per-sample probability. As i
 every random step is split in two: `sample_*` draws the per-sample parameters from an explicit
 CPU `torch.Generator` (the same seed gives the same views on CPU and CUDA, and the global torch
 RNG is never used), and a deterministic function applies them in batched ops on the tensor's
-device. Ops with a coin run only on the samples whose coin came up (`apply_where`).
+device. Ops with a coin run only on the samples whose coin came up (`apply_where`). Under data
+parallelism every `sample_*` draws for the global batch and keeps this rank's rows
+(`selfsight.distributed.draw_rows`), so each rank gets its slice of a 1-process run's views.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from selfsight.data.augment import crop_and_resize, hflip_where, normalize, sample_crop_boxes, sample_flips, to_float
+from selfsight.distributed import draw_rows
 
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma weights of R, G, B (torchvision uses 0.2989 for R)
 _MIN_SIGMA = 1e-4  # smaller blur sigmas are treated as this: the kernel is then exactly [0, ..., 1, ..., 0]
@@ -72,7 +75,8 @@ def adapt_spec(spec: ViewSpec, in_chans: int, source_size: int) -> ViewSpec:
 
 def sample_coins(batch_size: int, p: float, *, generator: torch.Generator) -> torch.Tensor:
     """bool [B] on the CPU: True with probability p (rand < p, so p=0 never and p=1 always)."""
-    return torch.rand(batch_size, generator=generator) < p
+    rows, mine = draw_rows(batch_size)
+    return torch.rand(rows, generator=generator)[mine] < p
 
 
 def apply_where(x: torch.Tensor, chosen: torch.Tensor, op: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -203,7 +207,8 @@ def sample_jitter(batch_size: int, spec: ViewSpec, *, generator: torch.Generator
     """
     if not 0 <= spec.hue <= 0.5:
         raise ValueError(f"hue must be in [0, 0.5], got {spec.hue}")
-    uniform = torch.rand(batch_size, 4, generator=generator)
+    rows, mine = draw_rows(batch_size)
+    uniform = torch.rand(rows, 4, generator=generator)[mine]
     order = tuple(torch.randperm(4, generator=generator).tolist())
 
     def factor(column: int, strength: float) -> torch.Tensor | None:
@@ -246,7 +251,8 @@ def blur_kernel_size(sigma_max: float, height: int, width: int) -> int:
 
 def sample_blur_sigma(batch_size: int, sigma: tuple[float, float], *, generator: torch.Generator) -> torch.Tensor:
     """float32 [B] on the CPU, uniform in [sigma[0], sigma[1]] (as torchvision's GaussianBlur)."""
-    return torch.empty(batch_size).uniform_(sigma[0], sigma[1], generator=generator)
+    rows, mine = draw_rows(batch_size)
+    return torch.empty(rows).uniform_(sigma[0], sigma[1], generator=generator)[mine]
 
 
 def gaussian_kernels(sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:

@@ -10,6 +10,8 @@ local crops (scale 0.05-0.4, 96/224 of the input size); every (teacher view, oth
 is a cross-entropy term. Views: BYOL-style jitter, blur 1.0 / 0.1 / 0.5 (global 1, global 2, local),
 solarize 0.2 on the second global crop. The teacher is the network exported and evaluated.
 
+Data parallelism: the centre moves with the mean teacher output of the global batch (all-reduced).
+
 Local crops need a backbone that takes smaller inputs (CNNs; ViTs built with ``dynamic_img_size=True``);
 on other backbones they are rendered at the full input size, which costs as much as a global crop.
 """
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from selfsight import distributed
 from selfsight.backbones import Backbone
 from selfsight.ema import cosine_momentum, ema_update, make_momentum_copy
 from selfsight.errors import ConfigError
@@ -111,14 +114,17 @@ class DINO(Method):
         with full_precision(global_x.device):
             student_logits = torch.cat([s.float() for s in student])
             loss = dino_loss(student_logits, teacher.float(), self.center, c.student_temp, temp, batch_size=batch)
-        self._pending_teacher.append(teacher.detach().float())  # centre updated after the optimiser step
+        # the batch mean of the teacher logits [1, K]; the centre moves after the optimiser step
+        self._pending_teacher.append(teacher.detach().float().mean(dim=0, keepdim=True))
         return StepOutput(loss=loss, metrics={**embedding_std(features), "teacher_temp": temp})
 
     def on_step_end(self, step: int, total_steps: int) -> None:
         momentum = cosine_momentum(step + 1, total_steps, self.config.base_momentum)
         ema_update(self.teacher_backbone, self.backbone, momentum)
         ema_update(self.teacher_head, self.head, momentum)
-        for teacher in self._pending_teacher:
-            self.center.copy_(update_center(self.center, teacher, self.config.center_momentum))
+        for batch_mean in self._pending_teacher:
+            # the mean over ranks of equal-sized batch means: the mean of the global batch
+            global_mean = distributed.all_reduce_mean(batch_mean)
+            self.center.copy_(update_center(self.center, global_mean, self.config.center_momentum))
         self._pending_teacher.clear()
         self.progress.fill_((step + 1) / total_steps)

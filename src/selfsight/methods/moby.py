@@ -5,6 +5,7 @@ MoCo v2 meets BYOL: an online encoder (backbone + projector + predictor) and a m
 contrasted with the momentum key of the other view against a queue of past keys of that other view
 (two queues, 4,096 keys each), temperature 0.2; the loss sums both directions. Heads: 2-layer MLPs
 with BN, 4096 hidden, 256 out. Views: BYOL's asymmetric recipe. Each view is encoded in its own pass.
+Data parallelism: every rank's keys are gathered before they enter the queues (the same on every rank).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from selfsight import distributed
 from selfsight.backbones import Backbone
 from selfsight.ema import cosine_momentum, ema_update, make_momentum_copy
 from selfsight.heads import MLPHead
@@ -61,7 +63,8 @@ class MoBY(Method):
             loss = info_nce(p1.float(), k2.float(), t, negatives=self.queue2.keys) + info_nce(
                 p2.float(), k1.float(), t, negatives=self.queue1.keys
             )
-        self._pending_keys.append((k1.detach(), k2.detach()))  # enqueued after the optimiser step
+        # every rank's keys, enqueued after the optimiser step
+        self._pending_keys.append((distributed.gather(k1.detach()), distributed.gather(k2.detach())))
         return StepOutput(loss=loss, metrics=embedding_std(z1))
 
     def on_step_end(self, step: int, total_steps: int) -> None:

@@ -13,6 +13,10 @@ asymmetric recipe. Suits ViTs as well as CNNs.
 
 Each view is encoded in its own forward pass (as in both papers), so BatchNorm statistics of queries
 and keys come from separate batches.
+
+Data parallelism: MoCo v2 gathers every rank's keys before they enter the queue, so the queue is
+the same on every rank and the same as a 1-process run's. MoCo v3 gathers the keys and contrasts each
+rank's queries with the keys of the whole global batch (its paper's ``concat_all_gather``).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from selfsight import distributed
 from selfsight.backbones import Backbone
 from selfsight.ema import cosine_momentum, ema_update, make_momentum_copy
 from selfsight.heads import MLPHead
@@ -65,7 +70,8 @@ class MoCoV2(Method):
             k = self.target_projector(self.target_backbone(x2))
         with full_precision(x1.device):
             loss = info_nce(q.float(), k.float(), self.config.temperature, negatives=self.queue.keys)
-        self._pending_keys.append(k.detach())  # enqueued after the optimiser step (the queue is in the graph)
+        # every rank's keys, enqueued after the optimiser step (the queue is in the graph)
+        self._pending_keys.append(distributed.gather(k.detach()))
         return StepOutput(loss=loss, metrics=embedding_std(q))
 
     def on_step_end(self, step: int, total_steps: int) -> None:
@@ -107,9 +113,15 @@ class MoCoV3(Method):
         with torch.no_grad():
             k1 = self.target_projector(self.target_backbone(x1))
             k2 = self.target_projector(self.target_backbone(x2))
+            # negatives from the whole global batch: this rank's positives sit at rows rank * N ...
+            k1_all, k2_all = distributed.gather(k1), distributed.gather(k2)
         t = self.config.temperature
+        offset = distributed.rank() * x1.shape[0]
         with full_precision(x1.device):
-            loss = 2 * t * (info_nce(q1.float(), k2.float(), t) + info_nce(q2.float(), k1.float(), t))
+            loss = 2 * t * (
+                info_nce(q1.float(), k2_all.float(), t, positive_offset=offset)
+                + info_nce(q2.float(), k1_all.float(), t, positive_offset=offset)
+            )
         return StepOutput(loss=loss, metrics=embedding_std(z1))
 
     def on_step_end(self, step: int, total_steps: int) -> None:

@@ -104,6 +104,9 @@ class SimMIM(Method):
         return [self.augment(images, generator)]
 
     def training_step(self, images: torch.Tensor, generator: torch.Generator) -> StepOutput:
+        # Data parallelism needs nothing here: every sample has the same number of masked pixels, so the
+        # masked L1 (a sum over masked pixels divided by their count) of a rank's N samples averages over
+        # ranks to the global batch's, and DDP's mean of the gradients is the global gradient.
         x = self.augment(images, generator)
         mask = self.make_mask(x.shape[0], generator, x.device)
         loss, _, _ = self(x, mask)
