@@ -317,3 +317,16 @@ def test_save_view_grid_writes_an_aligned_png(tmp_path, channels: int, mode: str
     np.testing.assert_array_equal(first_cell, original[:, :, 0] if channels == 1 else original)
     np.testing.assert_allclose(pixels[2:12, 14:24].astype(float), first_cell.astype(float), atol=1)  # identity view
     assert (pixels[:2] == 255).all() and (pixels[12:14] == 255).all()  # white gaps
+
+
+def test_crop_and_resize_flip_equals_mirroring_the_crop():
+    """The flip folded into the sampling grid gives the mirrored crop, sample by sample."""
+    from selfsight.data.augment import crop_and_resize, hflip_where
+
+    x = torch.rand(6, 3, 40, 50, generator=torch.Generator().manual_seed(0))
+    boxes = torch.tensor([[3.0, 5.0, 30.0, 20.0], [0.0, 0.0, 50.0, 40.0], [10.5, 2.25, 17.0, 33.0]] * 2)
+    flip = torch.tensor([True, False, True, True, False, True])
+    folded = crop_and_resize(x, boxes, 24, flip)
+    torch.testing.assert_close(folded, hflip_where(crop_and_resize(x, boxes, 24), flip), rtol=0, atol=1e-6)
+    torch.testing.assert_close(folded[1], crop_and_resize(x, boxes, 24)[1], rtol=0, atol=0)
+    assert not torch.allclose(folded[0], crop_and_resize(x, boxes, 24)[0])

@@ -35,14 +35,15 @@ def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
     online_params = dict(online.named_parameters())
     if target_params.keys() != online_params.keys():
         raise ValueError("target and online modules have different parameters")
-    for name, target_param in target_params.items():
-        target_param.lerp_(online_params[name].detach(), 1.0 - momentum)
+    names = list(target_params)
+    torch._foreach_lerp_([target_params[n] for n in names], [online_params[n].detach() for n in names], 1.0 - momentum)
     target_buffers = dict(target.named_buffers())
     online_buffers = dict(online.named_buffers())
     if target_buffers.keys() != online_buffers.keys():
         raise ValueError("target and online modules have different buffers")
-    for name, target_buffer in target_buffers.items():
-        target_buffer.copy_(online_buffers[name])
+    names = list(target_buffers)
+    if names:
+        torch._foreach_copy_([target_buffers[n] for n in names], [online_buffers[n] for n in names])
 
 
 def make_momentum_copy(module: nn.Module) -> nn.Module:

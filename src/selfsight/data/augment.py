@@ -67,11 +67,14 @@ def sample_crop_boxes(
     return torch.stack([left, top, box_w, box_h], dim=1)
 
 
-def crop_and_resize(x: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
-    """Resamples box i of image i to size x size (bilinear, align_corners=False, border padding).
+def crop_and_resize(x: torch.Tensor, boxes: torch.Tensor, size: int, flip: torch.Tensor | None = None) -> torch.Tensor:
+    """Resamples box i of image i to size x size (bilinear, align_corners=False, border padding),
+    mirrored left-right where ``flip`` (bool [B]) is True.
 
     x: float [B, C, H, W]; boxes: [B, 4] (left, top, width, height) in pixels -> [B, C, size, size].
-    One affine_grid + grid_sample; no antialiasing, so shrinking a box a lot aliases.
+    One affine_grid + grid_sample; no antialiasing, so shrinking a box a lot aliases. The flip is a
+    negative horizontal scale of the sampling grid (the output grid is symmetric about the box's
+    centre), so it costs nothing, unlike flipping and blending the whole batch afterwards.
     """
     batch, channels, height, width = x.shape
     boxes = boxes.to(device=x.device, dtype=x.dtype)
@@ -79,6 +82,8 @@ def crop_and_resize(x: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Te
     # Normalized coordinates: -1 and +1 are the outer edges of the image (align_corners=False).
     theta = torch.zeros(batch, 2, 3, dtype=x.dtype, device=x.device)
     theta[:, 0, 0] = box_w / width
+    if flip is not None:
+        theta[:, 0, 0] *= 1 - 2 * flip.to(device=x.device, dtype=x.dtype)
     theta[:, 0, 2] = (2 * left + box_w) / width - 1
     theta[:, 1, 1] = box_h / height
     theta[:, 1, 2] = (2 * top + box_h) / height - 1

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from selfsight.data.augment import crop_and_resize, hflip_where, normalize, sample_crop_boxes, sample_flips, to_float
+from selfsight.data.augment import crop_and_resize, normalize, sample_crop_boxes, sample_flips, to_float
 from selfsight.distributed import draw_rows
 
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma weights of R, G, B (torchvision uses 0.2989 for R)
@@ -323,7 +323,7 @@ def sample_view(batch_size: int, height: int, width: int, spec: ViewSpec, *, gen
 def apply_view(x: torch.Tensor, params: ViewParams, spec: ViewSpec) -> torch.Tensor:
     """x: float [B, C, H, W] in [0, 1] -> [B, C, spec.size, spec.size] in [0, 1]: crop -> hflip -> color jitter
     -> grayscale -> blur (kernel size from spec.blur_sigma[1]) -> solarize."""
-    view = hflip_where(crop_and_resize(x, params.boxes, spec.size), params.flip)
+    view = crop_and_resize(x, params.boxes, spec.size, params.flip)
     view = apply_where(view, params.jitter_on, params.jitter.select(params.jitter_on).apply)
     if view.shape[1] != 1:
         view = apply_where(view, params.grayscale_on, grayscale)
