@@ -133,6 +133,11 @@ def test_pack_errors_name_the_folder(tmp_path: Path) -> None:
     empty.mkdir()
     with pytest.raises(DataError, match=str(empty)):
         pack_folder(str(empty), str(tmp_path / "out"), progress=False)
+    with pytest.raises(DataError, match=f"{tmp_path / 'missing'} does not exist"):
+        pack_folder(str(tmp_path / "missing"), str(tmp_path / "out"), progress=False)
+    (tmp_path / "file.png").write_bytes(b"x")
+    with pytest.raises(DataError, match="is not a folder"):
+        pack_folder(str(tmp_path / "file.png"), str(tmp_path / "out"), progress=False)
     unreadable = tmp_path / "unreadable"
     unreadable.mkdir()
     (unreadable / "a.png").write_bytes(b"no png")

@@ -203,6 +203,8 @@ def pack_folder(
     if max_shard_mb is not None and max_shard_mb <= 0:
         raise ConfigError(f"--max-shard-mb must be positive, got {max_shard_mb}")
     max_bytes = None if max_shard_mb is None else int(max_shard_mb * 1e6)
+    if not os.path.isdir(folder):
+        raise DataError(f"{folder} {'is not a folder' if os.path.exists(folder) else 'does not exist'}")
     listing = scan_folder(folder)
     _check_out(out)
     skipped: list[tuple[str, str]] = []
