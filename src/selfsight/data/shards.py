@@ -312,20 +312,10 @@ class ShardStream(BatchStream):
                                  buffer_size=self.shuffle_buffer, rank=self.rank, world_size=self.world_size)
 
 
-def make_batch_stream(
-    images: ImageSet,
-    batch_size: int,
-    seed: int,
-    start_batch: int = 0,
-    num_workers: int = 0,
-    pin_memory: bool = False,
-    shuffle: bool = True,
-    *,
-    rank: int = 0,
-    world_size: int = 1,
-) -> BatchStream:
+def make_batch_stream(images: ImageSet, *args: Any, **kwargs: Any) -> BatchStream:
     """The training stream for `images`, this rank's share: a `ShardStream` for shards, else a
-    `BatchStream`. Both yield (uint8 [B, C, S, S], int64 [B] or None) for batches start_batch, ..."""
+    `BatchStream`, built with `BatchStream`'s arguments (batch_size, seed, start_batch, num_workers,
+    pin_memory, shuffle, rank=, world_size=). Both yield (uint8 [B, C, S, S], int64 [B] or None) for
+    batches start_batch, start_batch + 1, ..."""
     stream_class = ShardStream if isinstance(images, ShardImages) else BatchStream
-    return stream_class(images, batch_size, seed, start_batch, num_workers, pin_memory, shuffle,
-                        rank=rank, world_size=world_size)
+    return stream_class(images, *args, **kwargs)
