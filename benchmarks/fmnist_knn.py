@@ -102,19 +102,27 @@ class EvalData:
         return torch.arange(min(images.num_images, self.max_images or images.num_images))
 
 
+KNN_DEFAULTS = EvalConfig(kind="knn")  # the eval API's k and temperature
+
+
+def benchmark_knn_scores(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
+                         num_classes: int) -> torch.Tensor:
+    """The benchmark's k-NN (the eval API's k and temperature): class scores [M, num_classes] of test_feats [M, D]."""
+    return knn_scores(train_feats, train_labels, test_feats, num_classes, k=KNN_DEFAULTS.k,
+                      temperature=KNN_DEFAULTS.temperature)
+
+
 def probe_features(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
                    test_labels: torch.Tensor) -> dict[str, Any]:
     """k-NN with every training label and the linear probe with 600 of them, on frozen features [N, D] / [M, D]."""
-    knn_defaults = EvalConfig(kind="knn")  # the eval API's k and temperature
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
-    scores = knn_scores(train_feats, train_labels, test_feats, num_classes, k=knn_defaults.k,
-                        temperature=knn_defaults.temperature)
+    scores = benchmark_knn_scores(train_feats, train_labels, test_feats, num_classes)
     labeled = few_label_indices(train_labels, LABELS_PER_CLASS, seed=SPLIT_SEED)
     probe = linear_probe(train_feats[labeled], train_labels[labeled], test_feats, test_labels, num_classes,
                          **LINEAR_DEFAULTS)
     return {"knn_top1": top1(scores, test_labels), "linear_top1_600": probe.top1, "num_labels_linear": len(labeled),
             "num_train": int(train_labels.numel()), "num_test": int(test_labels.numel()),
-            "knn_k": knn_defaults.k, "knn_temperature": knn_defaults.temperature, "linear": dict(LINEAR_DEFAULTS),
+            "knn_k": KNN_DEFAULTS.k, "knn_temperature": KNN_DEFAULTS.temperature, "linear": dict(LINEAR_DEFAULTS),
             "feature_dim": int(train_feats.shape[1])}
 
 

@@ -12,21 +12,17 @@ from __future__ import annotations
 import argparse
 
 import torch
-from fmnist_knn import EvalData, raw_pixel_features
+from fmnist_knn import EvalData, benchmark_knn_scores, raw_pixel_features
 
 from selfsight.checkpoint import load_run_backbone
 from selfsight.config import DEFAULT_DATA_DIR
-from selfsight.eval.api import EvalConfig
 from selfsight.eval.features import extract_features
-from selfsight.eval.knn import knn_scores
 
 CLASSES = ("T-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot")
 
 
 def knn_predictions(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor) -> torch.Tensor:
-    knn = EvalConfig(kind="knn")
-    return knn_scores(train_feats, train_labels, test_feats, len(CLASSES), k=knn.k,
-                      temperature=knn.temperature).argmax(1)
+    return benchmark_knn_scores(train_feats, train_labels, test_feats, len(CLASSES)).argmax(1)
 
 
 def row(name: str, pred: torch.Tensor, labels: torch.Tensor) -> str:
