@@ -154,6 +154,14 @@ def raw_pixel_features(images: ImageSet, subset: torch.Tensor, mean: list[float]
     return torch.cat(chunks), torch.cat(labels).long()
 
 
+def raw_pixel_sets(data: EvalData, in_chans: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Raw-pixel features and labels of train and test at Fashion-MNIST's own size, normalised with train's stats."""
+    train, test = data.get(in_chans, NATIVE_SIZE)
+    mean, std = train.mean_std()
+    return (*raw_pixel_features(train, data.subset(train), mean, std),
+            *raw_pixel_features(test, data.subset(test), mean, std))
+
+
 # --- one entry of the table -------------------------------------------------------------------------------------
 
 
@@ -249,10 +257,7 @@ def run_raw_pixels(args: argparse.Namespace, data: EvalData) -> dict[str, Any]:
     """The baselines of the goals, measured with the same probes: normalised raw pixels as features."""
     start = time.perf_counter()
     opts = parse_backbone_opts(args.backbone_opts)
-    train, test = data.get(int(opts.get("in_chans", 1)), NATIVE_SIZE)
-    mean, std = train.mean_std()
-    result = probe_features(*raw_pixel_features(train, data.subset(train), mean, std),
-                            *raw_pixel_features(test, data.subset(test), mean, std))
+    result = probe_features(*raw_pixel_sets(data, int(opts.get("in_chans", 1))))
     result["eval_minutes"] = round((time.perf_counter() - start) / 60, 2)
     return {"name": "raw-pixels", "method": "raw pixels", "implementation": "-", "steps": 0, "images_seen": 0,
             "pretrain_minutes": 0.0, "img_per_s": None, **result}

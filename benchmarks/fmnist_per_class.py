@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from fmnist_knn import EvalData, benchmark_knn_scores, raw_pixel_features
+from fmnist_knn import EvalData, benchmark_knn_scores, raw_pixel_sets
 
 from selfsight.checkpoint import load_run_backbone
 from selfsight.config import DEFAULT_DATA_DIR
@@ -37,10 +37,7 @@ def main() -> None:
     parser.add_argument("--data-dir", default=DEFAULT_DATA_DIR)
     args = parser.parse_args()
     data = EvalData(args.data_dir)
-    train, test = data.get(1, 28)
-    mean, std = train.mean_std()
-    train_raw, train_labels = raw_pixel_features(train, data.subset(train), mean, std)
-    test_raw, test_labels = raw_pixel_features(test, data.subset(test), mean, std)
+    train_raw, train_labels, test_raw, test_labels = raw_pixel_sets(data, in_chans=1)
     raw = knn_predictions(train_raw, train_labels, test_raw)
     lines = ["| features | all | " + " | ".join(CLASSES) + " |", "|---" * (len(CLASSES) + 2) + "|",
              row("raw pixels", raw, test_labels)]
