@@ -86,7 +86,7 @@ GOAL_LINEAR_MARGIN = 0.05  # the best 600-label linear probe beats RAW_PIXEL_LOG
 
 
 class EvalData:
-    """The labeled train and test sets, opened once (for the first backbone's input size) and shared."""
+    """The labeled train and test sets, opened once per (channels, size) and shared by every entry."""
 
     def __init__(self, data_dir: str, max_images: int | None = None) -> None:
         self.data_dir = data_dir
