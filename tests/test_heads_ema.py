@@ -1,5 +1,6 @@
 """Projection heads and momentum (EMA) targets."""
 
+import copy
 import math
 
 import pytest
@@ -102,11 +103,9 @@ def test_ema_update_momentum_limits_and_average():
     online = _perturbed(target)
     before = {k: v.clone() for k, v in target.state_dict().items()}
 
-    ema_update(target, online, 1.0)  # keep parameters, copy buffers
+    ema_update(target, online, 1.0)  # keep parameters
     for name, p in target.named_parameters():
         assert torch.equal(p, before[name])
-    assert torch.equal(target[1].running_mean, torch.full((4,), 5.0))
-    assert int(target[1].num_batches_tracked) == 7
 
     ema_update(target, online, 0.5)  # average
     for name, p in target.named_parameters():
@@ -115,6 +114,11 @@ def test_ema_update_momentum_limits_and_average():
     ema_update(target, online, 0.0)  # copy
     for (_, p), (_, q) in zip(target.named_parameters(), online.named_parameters()):
         assert torch.equal(p, q)
+    # buffers are never touched: the target keeps its own BatchNorm statistics and counter
+    for name, b in target.named_buffers():
+        assert torch.equal(b, before[name]), name
+    assert not torch.equal(target[1].running_mean, online[1].running_mean)
+    assert int(target[1].num_batches_tracked) == 0
 
 
 def test_momentum_copy_has_no_grad_params_and_is_independent():
@@ -135,3 +139,62 @@ def test_ema_update_on_weight_normed_dino_head():
     ema_update(target, online, 0.0)
     x = torch.randn(2, 8)
     assert torch.allclose(target(x), online(x))
+
+
+# ---------------------------------------------------------------- targets against the official rule
+
+
+def _official_momentum(name: str, method, step: int, total: int) -> float:
+    """The momentum after optimiser step ``step`` (0-based), written out: MoCo v2 constant, the others
+    ``1 - (1 - base) * (cos(pi * (step + 1) / total) + 1) / 2``."""
+    if name == "mocov2":
+        return method.config.momentum
+    return 1 - (1 - method.config.base_momentum) * (math.cos(math.pi * (step + 1) / total) + 1) / 2
+
+
+def _target_inputs(name: str, views: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The batches the target encodes in one training step, one forward pass each."""
+    if name == "mocov2":
+        return [views[1]]
+    if name == "moby":
+        return [views[0], views[1]]
+    return [torch.cat(views[:2])]  # BYOL: both views in one pass; DINO: the two global crops
+
+
+@pytest.mark.parametrize("name", ["byol", "mocov2", "moby", "dino"])
+def test_target_keeps_its_own_batchnorm_statistics_as_the_official_code(name):
+    from test_methods import gen, images, make
+
+    method = make(name)
+    method.train()  # as the engine does: the targets run in train mode too
+    target_parts = ("teacher_backbone", "teacher_head") if name == "dino" else ("target_backbone", "target_projector")
+    online_parts = ("backbone", "head") if name == "dino" else ("backbone", "projector")
+    target = nn.Sequential(*(getattr(method, a) for a in target_parts))
+    online = nn.Sequential(*(getattr(method, a) for a in online_parts))
+    reference = copy.deepcopy(target)  # the official loop's own target, updated by hand below
+    optimizer = torch.optim.AdamW(method.param_groups(0.05), lr=1e-2)
+    total = 10
+    for step in range(4):
+        batch, generator_seed = images(seed=step), 100 + step
+        with torch.no_grad():  # the official target forward: train mode, no gradients
+            for x in _target_inputs(name, method.views(batch, gen(generator_seed))):
+                reference(x)
+        method.training_step(batch, gen(generator_seed)).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        method.on_step_end(step, total)
+        m = _official_momentum(name, method, step, total)
+        with torch.no_grad():
+            for p_t, p_o in zip(reference.parameters(), online.parameters(), strict=True):
+                p_t.mul_(m).add_(p_o, alpha=1 - m)
+    for (key, got), (_, want) in zip(target.state_dict().items(), reference.state_dict().items(), strict=True):
+        assert torch.allclose(got.double(), want.double(), rtol=1e-4, atol=1e-5), key
+    stats = [k for k in target.state_dict() if k.endswith(("running_mean", "running_var"))]
+    assert stats  # the tiny ResNet has BatchNorm
+    assert int(target.state_dict()[stats[0].replace("running_mean", "num_batches_tracked")]) == 4 * len(
+        _target_inputs(name, method.views(images(), gen()))
+    )
+    # not the online network's statistics (what copying buffers used to give)
+    online_state = online.state_dict()
+    gap = max(float((target.state_dict()[k] - online_state[k]).abs().max()) for k in stats)
+    assert gap > 1e-4

@@ -25,11 +25,13 @@ def cosine_momentum(step: int, total_steps: int, base: float) -> float:
 
 @torch.no_grad()
 def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
-    """In place: ``target_param = momentum * target_param + (1 - momentum) * online_param``.
+    """In place, parameters only: ``target_param = momentum * target_param + (1 - momentum) * online_param``.
 
     Parameters are matched by name (the two modules must have the same structure, as a
-    ``make_momentum_copy`` does); buffers (BatchNorm running statistics, counters) are copied from
-    ``online``. ``momentum = 1`` keeps the target, ``momentum = 0`` copies the online network.
+    ``make_momentum_copy`` does). Buffers (BatchNorm running statistics, counters) are left alone:
+    as in the official MoCo v2/v3, BYOL, MoBY and DINO code, the target keeps its own running
+    statistics, which its train-mode forward in each training step updates from the batches it sees.
+    ``momentum = 1`` keeps the target, ``momentum = 0`` copies the online parameters.
     """
     target_params = dict(target.named_parameters())
     online_params = dict(online.named_parameters())
@@ -37,13 +39,6 @@ def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
         raise ValueError("target and online modules have different parameters")
     names = list(target_params)
     torch._foreach_lerp_([target_params[n] for n in names], [online_params[n].detach() for n in names], 1.0 - momentum)
-    target_buffers = dict(target.named_buffers())
-    online_buffers = dict(online.named_buffers())
-    if target_buffers.keys() != online_buffers.keys():
-        raise ValueError("target and online modules have different buffers")
-    names = list(target_buffers)
-    if names:
-        torch._foreach_copy_([target_buffers[n] for n in names], [online_buffers[n] for n in names])
 
 
 def make_momentum_copy(module: nn.Module) -> nn.Module:

@@ -6,6 +6,11 @@ schedule) gives for the other view of the same image. The loss is the negative c
 ``2 - 2 cos(p, z')``, symmetrised over the two views; there are no negatives. Heads: 2-layer MLPs
 (Linear-BN-ReLU-Linear), 4096 hidden, 256 out. Views: BYOL's asymmetric recipe (blur 1.0 / 0.1,
 solarize 0 / 0.2).
+
+The target's parameters follow the online network's (``ema_update``); its BatchNorm running statistics
+are its own, updated by its train-mode forward on the views, as in the official code
+(deepmind-research ``byol/byol_experiment.py``: ``target_params`` is a moving average, ``target_state``
+comes from the target's own forward with ``is_training=True``).
 """
 
 from __future__ import annotations

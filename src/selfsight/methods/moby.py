@@ -6,6 +6,10 @@ contrasted with the momentum key of the other view against a queue of past keys 
 (two queues, 4,096 keys each), temperature 0.2; the loss sums both directions. Heads: 2-layer MLPs
 with BN, 4096 hidden, 256 out. Views: BYOL's asymmetric recipe. Each view is encoded in its own pass.
 Data parallelism: every rank's keys are gathered before they enter the queues (the same on every rank).
+
+The momentum encoder's parameters follow the online encoder's (``ema_update``); its BatchNorm running
+statistics are its own, updated by its train-mode forward on the keys, as in the official code
+(SwinTransformer/Transformer-SSL ``models/moby.py``, ``_momentum_update_key_encoder``).
 """
 
 from __future__ import annotations
