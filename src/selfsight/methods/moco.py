@@ -12,7 +12,21 @@ key encoder's momentum rises from 0.99 to 1 (cosine); the loss is symmetric, in-
 asymmetric recipe. Suits ViTs as well as CNNs.
 
 Each view is encoded in its own forward pass (as in both papers), so BatchNorm statistics of queries
-and keys come from separate batches.
+and keys come from separate batches. The key encoder's parameters follow the query encoder's
+(``ema_update``); its BatchNorm running statistics are its own, updated by its train-mode forward on
+the keys, as in the official code (``moco/builder.py``, ``_momentum_update_key_encoder``, in both repos).
+
+BatchNorm instead of MoCo v2's shuffle-BN: the official MoCo v1/v2 code shuffles the key batch across
+GPUs (``_batch_shuffle_ddp``) because with per-GPU BatchNorm a query and its positive key are normalised
+with the statistics of the same small sub-batch (32 images per GPU), a signature the queue's negatives,
+encoded in other batches, lack and the network can learn to exploit. selfsight normalises with the
+statistics of the global batch instead: in one process each forward pass is one BatchNorm batch of all N
+images (query and key in separate passes, so no pass mixes a query with its key), and under data
+parallelism every BatchNorm is converted to global-batch statistics (``distributed.convert_sync_batchnorm``;
+the same "global BN" as SimCLR and MoCo v3). Query and key statistics then both come from the N images of
+the global batch, in which any one image carries 1/N: the shared batch signature is the sampling noise of
+N-image statistics, not that of a 32-image sub-batch. It is smaller the larger N (256 in the paper); with
+small batches it is larger, and shuffle-BN, which needs several BatchNorm sub-batches, is not implemented.
 
 Data parallelism: MoCo v2 gathers every rank's keys before they enter the queue, so the queue is
 the same on every rank and the same as a 1-process run's. MoCo v3 gathers the keys and contrasts each
