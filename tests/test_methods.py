@@ -22,6 +22,7 @@ from selfsight.checkpoint import export_run, load_run_backbone
 from selfsight.config import build_config
 from selfsight.ema import cosine_momentum
 from selfsight.engine import COLLAPSE_WARNING, Trainer, pretrain
+from selfsight.errors import ConfigError
 from selfsight.methods.common import embedding_std
 from selfsight.methods.dino import teacher_temperature
 from selfsight.queues import KeyQueue
@@ -36,7 +37,8 @@ SMALL = {
     "mocov2": {"proj_hidden_dim": 32, "proj_dim": 16, "queue_size": 48},
     "mocov3": {"proj_hidden_dim": 32, "proj_dim": 16, "pred_hidden_dim": 32},
     "moby": {"proj_hidden_dim": 32, "proj_dim": 16, "pred_hidden_dim": 32, "queue_size": 48},
-    "dino": {"out_dim": 64, "hidden_dim": 32, "bottleneck_dim": 16, "num_local_crops": 2},
+    # DINO: the last layer frozen for the first 3 steps of a run (engine tests run 6)
+    "dino": {"out_dim": 64, "hidden_dim": 32, "bottleneck_dim": 16, "num_local_crops": 2, "freeze_last_layer_steps": 3},
 }
 
 
@@ -173,6 +175,52 @@ def test_dino_teacher_temperature_warms_up_and_center_moves_after_step():
     method.on_step_end(2, 10)
     assert torch.allclose(method.center, 0.1 * teacher.mean(dim=0, keepdim=True), atol=1e-5)
     assert float(method.progress) == pytest.approx(0.3)
+
+
+def _last_layer(method) -> list[torch.Tensor]:
+    return list(method.head.last_layer.parameters())  # weight norm's g [K, 1] (frozen at 1) and v [K, d]
+
+
+@pytest.mark.parametrize("ddp_zero_grads", [False, True], ids=["one_process", "ddp_writes_zeros"])
+def test_dino_freezes_the_last_layer_then_trains_it(monkeypatch, ddp_zero_grads):
+    method = make("dino", freeze_last_layer_steps=2)
+    if ddp_zero_grads:  # what DDP does after its all-reduce: a zero gradient where the hook left None
+        monkeypatch.setattr("selfsight.distributed.world", lambda: 2)
+    optimizer = torch.optim.AdamW(method.param_groups(0.05), lr=1e-2)
+    start = [p.detach().clone() for p in _last_layer(method)]
+    mlp_start = [p.detach().clone() for p in method.head.mlp.parameters()]
+    v = method.head.last_layer.parametrizations.weight.original1
+    for step in range(3):
+        method.training_step(images(seed=step), gen(step)).loss.backward()
+        assert (v.grad is None) == (step < 2)  # dropped while frozen (before clipping and the step)
+        if ddp_zero_grads and step < 2:
+            v.grad = torch.zeros_like(v)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        method.on_step_end(step, 10)
+        if step == 1:  # after the 2 frozen steps: the optimiser skipped the layer, as official DINO's grad = None
+            assert all(torch.equal(p, s) for p, s in zip(_last_layer(method), start, strict=True))
+            assert v not in optimizer.state  # no weight decay, no moments, no step count
+            assert all(not torch.equal(p, s) for p, s in zip(method.head.mlp.parameters(), mlp_start, strict=True))
+    assert not torch.equal(v, start[1])  # trained from step 2 on
+    assert int(optimizer.state[v]["step"]) == 1
+    assert int(method.steps_done) == 3
+
+
+def test_dino_freeze_length_in_steps_or_epochs():
+    method = make("dino", freeze_last_layer_epochs=1.5, freeze_last_layer_steps=None)
+    assert method.freeze_steps() == 0  # steps per epoch unknown: no freeze from epochs
+    method.steps_per_epoch = 8
+    assert method.freeze_steps() == 12
+    assert make("dino", freeze_last_layer_steps=3, freeze_last_layer_epochs=2.0).freeze_steps() == 3
+    with pytest.raises(ConfigError):
+        make("dino", freeze_last_layer_steps=-1)
+    # a checkpoint from before the option (no steps_done) resumes without the freeze
+    state = {k: v for k, v in method.state_dict().items() if k != "steps_done"}
+    method.load_state_dict(state)
+    assert int(method.steps_done) >= method.freeze_steps()
+    method.on_step_end(0, 10)
+    assert int(method.steps_done) >= method.freeze_steps()
 
 
 def test_dino_local_crops_are_small_on_cnns_and_full_size_on_fixed_vits():

@@ -10,6 +10,20 @@ local crops (scale 0.05-0.4, 96/224 of the input size); every (teacher view, oth
 is a cross-entropy term. Views: BYOL-style jitter, blur 1.0 / 0.1 / 0.5 (global 1, global 2, local),
 solarize 0.2 on the second global crop. The teacher is the network exported and evaluated.
 
+The teacher's parameters follow the student's (``ema_update``); its BatchNorm running statistics (CNN
+backbones) are its own, updated by its train-mode forward on the global crops, as in the official code
+(facebookresearch/dino ``main_dino.py``: the EMA loop runs over ``parameters()`` only and the teacher is
+never put in eval mode). The exported teacher therefore carries its own statistics.
+
+``freeze_last_layer``: during the first epoch (``freeze_last_layer_epochs``, or ``freeze_last_layer_steps``
+optimiser steps) the head's weight-normalised last layer is not updated, as official DINO's
+``cancel_gradients_last_layer`` does by setting its gradients to None before the optimiser step, so the
+optimiser skips it (no weight decay, no moment or step-count update). Here a post-accumulate gradient
+hook drops those gradients as soon as they are accumulated (so they do not count in gradient clipping
+either). Under DistributedDataParallel, DDP writes a zero gradient back after its all-reduce, so while the
+freeze lasts an optimiser step pre-hook sets it to None again: the optimiser skips the layer in every
+process, as in the official code.
+
 Data parallelism: the centre moves with the mean teacher output of the global batch (all-reduced).
 
 Local crops need a backbone that takes smaller inputs (CNNs; ViTs built with ``dynamic_img_size=True``);
@@ -19,9 +33,12 @@ on other backbones they are rendered at the full input size, which costs as much
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.utils.hooks import RemovableHandle
 
 from selfsight import distributed
 from selfsight.backbones import Backbone
@@ -48,6 +65,9 @@ class DINO(Method):
     """DINO on any timm backbone (features: the backbone's pooled output, the class token for ViTs)."""
 
     export_backbone = "teacher_backbone"
+    #: optimiser steps per epoch, set by the engine before training. None (unknown): only
+    #: ``freeze_last_layer_steps`` can freeze the last layer; ``freeze_last_layer_epochs`` is ignored
+    steps_per_epoch: int | None = None
 
     @dataclass
     class Config(TwoViewOptions):
@@ -68,11 +88,18 @@ class DINO(Method):
         teacher_temp_warmup_fraction: float = 0.3
         center_momentum: float = 0.9
         base_momentum: float = 0.996
+        #: epochs at the start during which the head's last layer is not updated (official DINO's
+        #: ``freeze_last_layer``); converted to steps with ``DINO.steps_per_epoch``, which the engine sets
+        freeze_last_layer_epochs: float = 1.0
+        #: the same in optimiser steps; when given, it wins over ``freeze_last_layer_epochs``
+        freeze_last_layer_steps: int | None = None
 
     def __init__(self, backbone: Backbone, config: DINO.Config, mean: list[float], std: list[float]) -> None:
         super().__init__(backbone, config, mean, std)
         if config.num_local_crops < 0:
             raise ConfigError(f"num_local_crops must be >= 0, got {config.num_local_crops}")
+        if config.freeze_last_layer_epochs < 0 or (config.freeze_last_layer_steps or 0) < 0:
+            raise ConfigError("freeze_last_layer_epochs and freeze_last_layer_steps must be >= 0")
         self.head = DINOHead(
             backbone.num_features,
             config.out_dim,
@@ -95,9 +122,60 @@ class DINO(Method):
         )
         self.view_specs = global_specs + [local] * config.num_local_crops  # 2 global crops, then the local ones
         self._pending_teacher: list[torch.Tensor] = []
+        self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))  # optimiser steps ended
+        self._freeze_now = False  # read by the gradient hook: is this step's last layer frozen?
+        self._optimizer_hook: RemovableHandle | None = None  # under DDP, while frozen: see _drop_ddp_grads
+        self._warned_unknown_epoch = False
+        for param in self._last_layer_params():
+            param.register_post_accumulate_grad_hook(self._drop_grad_when_frozen)
 
+    def _last_layer_params(self) -> list[torch.Tensor]:
+        """The trainable parameters of the student head's last layer (``v``, and ``g`` unless normalised)."""
+        return [p for p in self.head.last_layer.parameters() if p.requires_grad]
+
+    def freeze_steps(self) -> int:
+        """Optimiser steps at the start during which the last layer is frozen (0 when the epoch is unknown)."""
+        c = self.config
+        if c.freeze_last_layer_steps is not None:
+            return c.freeze_last_layer_steps
+        if self.steps_per_epoch is None:
+            if c.freeze_last_layer_epochs > 0 and not self._warned_unknown_epoch:
+                log.info("DINO: steps per epoch unknown: freeze_last_layer_epochs ignored")
+                self._warned_unknown_epoch = True
+            return 0
+        return round(c.freeze_last_layer_epochs * self.steps_per_epoch)
+
+    def _drop_grad_when_frozen(self, param: torch.Tensor) -> None:
+        """Post-accumulate-grad hook: while frozen, the optimiser must see no gradient (official DINO)."""
+        if self._freeze_now:
+            param.grad = None
+
+    def _drop_ddp_grads_before_optimizer_steps(self) -> None:
+        """Under DDP: an optimiser step pre-hook (for every optimiser; it touches only this method's last
+        layer) that drops the zero gradients DDP writes back for the frozen layer. Removed when the freeze
+        ends or the method is garbage-collected."""
+        if self._optimizer_hook is not None:
+            return
+        method = weakref.ref(self)
+
+        def drop(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+            alive = method()
+            if alive is not None and alive._freeze_now:
+                for param in alive._last_layer_params():
+                    param.grad = None
+
+        self._optimizer_hook = register_optimizer_step_pre_hook(drop)
+        weakref.finalize(self, self._optimizer_hook.remove)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
+        # a checkpoint from before freeze_last_layer existed: its run goes on without the freeze
+        state_dict.setdefault(prefix + "steps_done", torch.tensor(torch.iinfo(torch.long).max))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def training_step(self, images: torch.Tensor, generator: torch.Generator) -> StepOutput:
+        self._freeze_now = int(self.steps_done) < self.freeze_steps()
+        if self._freeze_now and distributed.world() > 1:
+            self._drop_ddp_grads_before_optimizer_steps()
         views = self.views(images, generator)
         batch = images.shape[0]
         global_x = torch.cat(views[:2])
@@ -119,6 +197,10 @@ class DINO(Method):
         return StepOutput(loss=loss, metrics={**embedding_std(features), "teacher_temp": temp})
 
     def on_step_end(self, step: int, total_steps: int) -> None:
+        if self._optimizer_hook is not None and step + 1 >= self.freeze_steps():
+            self._optimizer_hook.remove()
+            self._optimizer_hook = None
+        self.steps_done.clamp_(min=step + 1)  # = step + 1; stays past the freeze for pre-freeze checkpoints
         momentum = cosine_momentum(step + 1, total_steps, self.config.base_momentum)
         ema_update(self.teacher_backbone, self.backbone, momentum)
         ema_update(self.teacher_head, self.head, momentum)
