@@ -300,6 +300,11 @@ def test_dino_exports_the_teacher_and_timm_loads_a_cnn(idx_dir, tmp_path):
     teacher = state["teacher_backbone.model.conv1.weight"]
     assert torch.equal(backbone.model.conv1.weight, teacher)
     assert not torch.equal(teacher, state["backbone.model.conv1.weight"])
+    # the teacher's own BatchNorm statistics (from its forward passes), not the student's
+    teacher_mean = state["teacher_backbone.model.bn1.running_mean"]
+    assert torch.equal(backbone.model.bn1.running_mean, teacher_mean)
+    assert not torch.allclose(teacher_mean, state["backbone.model.bn1.running_mean"])
+    assert int(state["teacher_backbone.model.bn1.num_batches_tracked"]) == 2
     exported = export_run(run, tmp_path / "export")
     assert "img_size" not in exported["model_args"]  # timm's ResNet takes any size; img_size is selfsight's
     model = timm.create_model(
@@ -307,6 +312,7 @@ def test_dino_exports_the_teacher_and_timm_loads_a_cnn(idx_dir, tmp_path):
         pretrained_cfg_overlay=dict(file=exported["weights"]),
     )
     assert torch.equal(model.conv1.weight, teacher)
+    assert torch.equal(model.bn1.running_mean, teacher_mean)
 
 
 def test_monitor_logs_knn_and_bf16_runs(idx_dir, tmp_path):
