@@ -139,3 +139,47 @@ def test_views_command_writes_a_grid(idx_dir, tmp_path, capsys):
         assert grid.size == (5 * 16 + 6 * 2, 3 * 16 + 4 * 2)
     code, _, err = run_cli(["views", f"{idx_dir}:train", "--method", "nope", "--out", str(out)], capsys)
     assert code == 2 and "unknown method 'nope'" in err
+
+
+class _CreatesFileWhenUnpickled:
+    """Pickles as ``open(path, "w")``: loading the pickle without restrictions creates ``path``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_checkpoint_that_runs_code_is_refused_by_every_command(idx_dir, tmp_path, capsys):
+    import torch
+
+    from selfsight.checkpoint import list_checkpoints
+
+    run = tmp_path / "run"
+    code, _, _ = run_cli(["pretrain", *backbone_args(), "--data", f"{idx_dir}:train", "--out", str(run),
+                          "--steps", "2", "--batch-size", "32", "--no-progress", "--device", "cpu",
+                          "--precision", "fp32"], capsys)
+    assert code == 0
+    marker = tmp_path / "pwned"
+    (checkpoint,) = list_checkpoints(run)
+    state = torch.load(checkpoint, weights_only=True)
+    state["payload"] = _CreatesFileWhenUnpickled(marker)
+    torch.save(state, checkpoint)
+    data = ["--train-data", f"{idx_dir}:train", "--test-data", f"{idx_dir}:test", "--labels-per-class", "4",
+            "--device", "cpu"]
+    commands = [
+        ["pretrain", "--out", str(run), "--resume", "--steps", "4", "--no-progress"],
+        ["eval", "knn", "--run", str(run), *data],
+        ["eval", "linear", "--run", str(run), *data],
+        ["eval", "finetune", "--run", str(run), *data, "--epochs", "1"],
+        ["export", str(run), "--out", str(tmp_path / "export")],
+        ["diagnose", str(run), "--data", f"{idx_dir}:test", "--num-images", "8"],
+    ]
+    for command in commands:
+        code, _, err = run_cli(command, capsys)
+        assert_one_line_error(code, err, "refusing to load", checkpoint.name)
+        assert not marker.exists(), command
+    # the same file loaded without the restriction would have run the payload: the test's payload is real
+    torch.load(checkpoint, weights_only=False)
+    assert marker.exists()

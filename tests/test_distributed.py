@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def run_config(idx_dir: Path | str, out: Path | str, method: str, **changes):
     """The tiny configuration of ``method``: SimMIM on the tiny ViT, the others on the tiny ResNet (with
     BatchNorm in backbone and heads). Global batch 32, ``STEPS`` steps, checkpoints every 2."""
-    base = {"steps": STEPS, "ckpt_every": 2, "keep_checkpoints": 3, **changes}
+    base = {"steps": STEPS, "ckpt_every": 2, "keep_checkpoints": 3, "precision": "fp32", **changes}
     if method != "simmim":
         return cnn_config(idx_dir, out, method, **base)
     return build_config(
@@ -202,7 +202,7 @@ def test_killed_worker_restarts_and_resumes_from_last_checkpoint(two_process_run
         "--max-restarts", "2", "-m", "selfsight", "pretrain", "--method", "simclr", "--backbone", TINY_CNN[0],
         *backbone_opts, "--data", f"{idx_dir}:train", "--out", str(out), "--steps", str(STEPS),
         "--batch-size", "32", "--log-every", "1", "--ckpt-every", "2", "--device", "cpu", "--num-workers", "0",
-        "--no-progress", "keep_checkpoints=3", *overrides,
+        "--no-progress", "--precision", "fp32", "keep_checkpoints=3", *overrides,
         env={"SELFSIGHT_TEST_KILL_AT_STEP": "5", "SELFSIGHT_TEST_KILL_RANK": "1"},
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
@@ -218,6 +218,29 @@ def test_killed_worker_restarts_and_resumes_from_last_checkpoint(two_process_run
     expected, _ = load_latest_checkpoint(reference)
     assert path.name == f"step-{STEPS:08d}.pt"
     assert all(torch.equal(final["model"][k], v) for k, v in expected["model"].items())
+
+
+def test_ranks_skip_a_step_with_a_nonfinite_gradient_together(idx_dir, tmp_path, monkeypatch):
+    """An inf in one rank's gradient after DDP's averaging (so only that rank sees it): both ranks skip the
+    step, and the run goes on as a 1-process run that skips the same step."""
+    out = tmp_path / "two"
+    backbone_opts = [f"--backbone-opt={k}={','.join(map(str, v)) if isinstance(v, tuple) else v}"
+                     for k, v in TINY_CNN[1].items()]
+    overrides = [f"method.{k}={v}" for k, v in SMALL["simclr"].items()]
+    done = torchrun(
+        "-m", "selfsight", "pretrain", "--method", "simclr", "--backbone", TINY_CNN[0], *backbone_opts,
+        "--data", f"{idx_dir}:train", "--out", str(out), "--steps", "4", "--batch-size", "32", "--log-every", "1",
+        "--device", "cpu", "--num-workers", "0", "--no-progress", "--precision", "fp32", *overrides,
+        env={"SELFSIGHT_TEST_INF_GRAD_AT_STEP": "1", "SELFSIGHT_TEST_INF_GRAD_RANK": "1"},
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    monkeypatch.setenv("SELFSIGHT_TEST_INF_GRAD_AT_STEP", "1")
+    monkeypatch.setenv("SELFSIGHT_TEST_INF_GRAD_RANK", "0")
+    single = tmp_path / "one"
+    pretrain(run_config(idx_dir, single, "simclr", steps=4), progress=False)
+    for run in (out, single):
+        assert json.loads((run / "pretrain.json").read_text())["skipped_steps"] == 1
+    assert [v for _, v in losses(out)] == pytest.approx([v for _, v in losses(single)], rel=RTOL)
 
 
 def test_restart_skips_damaged_newest_checkpoint_and_leftover_temp_file(idx_dir, tmp_path, monkeypatch):

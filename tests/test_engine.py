@@ -1,3 +1,4 @@
+import contextlib
 import json
 import logging
 import os
@@ -34,6 +35,7 @@ def config(idx_dir: Path, out: Path, **kw):
         ckpt_every=3,
         device="cpu",
         num_workers=0,
+        precision="fp32",  # not auto: its timed probe could pick bf16 for one run and fp32 for another
     )
     base.update(kw)
     return build_config(None, None, **base)
@@ -206,3 +208,132 @@ def test_compile_keeps_losses_and_checkpoint_keys(idx_dir, tmp_path, monkeypatch
     trainer.fit()
     assert losses(compiled) == losses(plain)
     assert load_latest_checkpoint(compiled)[0]["model"].keys() == load_latest_checkpoint(plain)[0]["model"].keys()
+
+
+def _inf_gradient_at(monkeypatch, calls_with_inf: set[int]) -> dict:
+    """Patch SimMIM.training_step so that in the given calls (1-based) a tensor hook turns the gradient of
+    the patch embedding's weight into +inf; records a copy of the parameters at every call."""
+    original = SimMIM.training_step
+    seen: dict = {"n": 0, "params": []}
+
+    def step(self, images, generator):
+        seen["n"] += 1
+        seen["params"].append({k: v.detach().clone() for k, v in self.named_parameters()})
+        if "handle" in seen:  # the hook of the previous call is spent
+            seen.pop("handle").remove()
+        if seen["n"] in calls_with_inf:
+            weight = self.backbone.model.patch_embed.proj.weight
+            seen["handle"] = weight.register_hook(lambda g: torch.full_like(g, float("inf")))
+        return original(self, images, generator)
+
+    monkeypatch.setattr(SimMIM, "training_step", step)
+    return seen
+
+
+def test_nonfinite_gradient_skips_the_step_and_counts_it(idx_dir, tmp_path, monkeypatch, caplog):
+    seen = _inf_gradient_at(monkeypatch, {3})  # the third step, step index 2
+    run = tmp_path / "run"
+    with caplog.at_level(logging.WARNING, logger="selfsight"):
+        summary = pretrain(config(idx_dir, run, steps=6, ckpt_every=3), progress=False)
+    assert summary["steps"] == 6 and summary["skipped_steps"] == 1
+    assert "step 2:" in caplog.text and "skipped" in caplog.text
+    # the skipped step changed no parameter; the steps around it did
+    before, after, next_after = seen["params"][2], seen["params"][3], seen["params"][4]
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not all(torch.equal(after[k], next_after[k]) for k in after)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_steps"] for r in records] == [0, 0, 1, 1, 1, 1]
+    assert "grad_norm" not in records[2] and all("grad_norm" in r for i, r in enumerate(records) if i != 2)
+    state = load_latest_checkpoint(run)[0]
+    assert state["skipped_steps"] == 1
+    adam_steps = {float(s["step"]) for s in state["optimizer"]["state"].values()}
+    assert adam_steps == {5.0}  # 6 steps, one skipped: AdamW stepped 5 times
+
+
+def test_consecutive_nonfinite_gradients_stop_the_run(idx_dir, tmp_path, monkeypatch):
+    _inf_gradient_at(monkeypatch, {2, 3, 4, 5, 6})
+    run = tmp_path / "run"
+    with pytest.raises(TrainingError, match=r"3 steps in a row.*at step 3\).*step-00000003\.pt"):
+        pretrain(config(idx_dir, run, steps=6, ckpt_every=1, max_consecutive_skips=3), progress=False)
+
+
+def test_skipped_step_resumes_exactly(idx_dir, tmp_path, monkeypatch):
+    _inf_gradient_at(monkeypatch, {2})
+    straight = tmp_path / "straight"
+    pretrain(config(idx_dir, straight, ckpt_every=100), progress=False)
+    cut = tmp_path / "cut"
+    trainer = Trainer(config(idx_dir, cut))
+    _inf_gradient_at(monkeypatch, {2})
+    original_save = trainer.save
+
+    def save_then_stop():
+        path = original_save()
+        if trainer.step == 3:
+            raise KeyboardInterrupt
+        return path
+
+    trainer.save = save_then_stop
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    summary = pretrain(config(idx_dir, cut), resume=True, progress=False)
+    assert losses(cut) == losses(straight) and summary["skipped_steps"] == 1
+
+
+def test_precision_auto_resolves_and_is_saved(idx_dir, tmp_path, monkeypatch):
+    from selfsight import precision
+
+    def timings(fp32: float, bf16: float):
+        return lambda p: {"fp32": fp32, "bf16": bf16}[p]
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    assert precision.resolve_precision("auto", cpu, timings(1.0, 0.1))[0] == "fp32"  # no probe without native bf16
+    assert "slower" in precision.resolve_precision("bf16", cpu, timings(1.0, 2.0))[1]
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    assert precision.resolve_precision("auto", cpu, timings(1.0, 0.5))[0] == "bf16"
+    assert precision.resolve_precision("auto", cpu, timings(1.0, 0.95))[0] == "fp32"  # 1.05x: not worth it
+    assert precision.resolve_precision("fp32", cpu, timings(1.0, 0.1))[0] == "fp32"
+    # a run with auto writes its choice into config.yaml, and a resumed run keeps it
+    from selfsight import engine
+
+    asked = []
+
+    def resolve(requested, device, time_step):
+        asked.append(requested)
+        return ("bf16" if requested == "auto" else requested), "test"
+
+    monkeypatch.setattr(engine, "resolve_precision", resolve)
+    run = tmp_path / "auto"
+    pretrain(config(idx_dir, run, steps=2, precision="auto"), progress=False)
+    assert load_config(run / "config.yaml").precision == "bf16"
+    assert load_latest_checkpoint(run)[0]["config"]["precision"] == "bf16"
+    trainer = Trainer(config(idx_dir, run, steps=2, precision="auto"), resume=True)
+    assert asked == ["auto", "bf16"] and trainer.cfg.precision == "bf16"
+
+
+def test_precision_probe_times_both_formats(idx_dir, tmp_path, monkeypatch):
+    """On a CPU with native bf16, auto times a step in each format on the run's own model."""
+    from selfsight import engine, precision
+
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    asked = []
+    original = engine.Trainer._time_one_step
+
+    def timed(self, precision=None, warm=2, timed=5):
+        asked.append(precision)
+        return original(self, precision, warm=1, timed=1)
+
+    monkeypatch.setattr(engine.Trainer, "_time_one_step", timed)
+    trainer = Trainer(config(idx_dir, tmp_path / "probe", steps=2, precision="auto"))
+    assert asked == ["fp32", "bf16"] and trainer.cfg.precision in ("fp32", "bf16")
+
+
+def test_gradients_are_clipped_to_clip_grad(idx_dir, tmp_path):
+    trainer = Trainer(config(idx_dir, tmp_path / "clip", optim={"clip_grad": 0.01}))
+    trainer.method.train()
+    trainer._forward_backward(trainer._batches(0), contextlib.nullcontext())
+    norm, finite = trainer._grad_norm()
+    grads = [p.grad for p in trainer.method.parameters() if p.grad is not None]
+    clipped = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+    assert finite and norm > 0.01  # the gradient was larger than the limit ...
+    assert clipped == pytest.approx(0.01, rel=1e-3)  # ... and is clipped to it

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import re
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ import torch
 
 from selfsight import distributed
 from selfsight.backbones import Backbone
-from selfsight.errors import CheckpointError, ConfigError
+from selfsight.errors import CheckpointError, ConfigError, UnsafeCheckpointError
 from selfsight.registry import get_method_class
 
 log = logging.getLogger("selfsight")
@@ -96,9 +97,22 @@ def save_checkpoint(state: dict[str, Any], run_dir: str | Path, step: int, keep:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load one checkpoint file; raises CheckpointError when it is unreadable or incomplete."""
+    """Load one checkpoint file; raises CheckpointError when it is unreadable or incomplete.
+
+    Read with ``torch.load(weights_only=True)``: tensors, numbers, strings, lists, tuples and dicts only,
+    which is all selfsight writes. A file holding anything else (a pickled object, whose loading could run
+    code it carries, as a checkpoint someone else sent could) raises UnsafeCheckpointError, and nothing
+    of it is executed.
+    """
     try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights only load failed" in str(exc).lower():
+            raise UnsafeCheckpointError(
+                f"refusing to load {path}: it holds objects other than tensors and plain values, and loading "
+                "it could run code (selfsight's own checkpoints never do; was it written by another program?)"
+            ) from None
+        raise CheckpointError(f"checkpoint {path} is damaged (UnpicklingError: {exc})") from None
     except Exception as exc:  # a damaged file can fail in many ways inside torch/zipfile/pickle
         raise CheckpointError(f"checkpoint {path} is damaged ({type(exc).__name__}: {exc})") from None
     if not isinstance(state, dict) or "model" not in state or "step" not in state:
@@ -116,6 +130,8 @@ def load_latest_checkpoint(
     for path in candidates:
         try:
             state = load_checkpoint(path, map_location)
+        except UnsafeCheckpointError:
+            raise  # refused, not damaged: never silently replaced by an older file
         except CheckpointError as exc:
             log.warning("%s; falling back to an older checkpoint", exc)
             continue

@@ -48,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-every", type=int, help="steps between metrics.jsonl records")
     p.add_argument("--ckpt-every", type=int, help="steps between checkpoints")
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:1 ...")
-    p.add_argument("--precision", choices=["fp32", "bf16"])
+    p.add_argument(
+        "--precision", choices=["auto", "fp32", "bf16"], help="auto (default): bf16 where it pays, else fp32"
+    )
     p.add_argument("--num-workers", type=int, help="DataLoader workers for large image folders")
     p.add_argument("--monitor-data", help="labeled held-out data for an online k-NN monitor (e.g. FOLDER or IDX:test)")
     p.add_argument("--monitor-every", type=int, help="steps between k-NN monitor measurements (default 200)")

@@ -22,6 +22,7 @@ from selfsight.registry import get_method_class
 DEFAULT_DATA_DIR = "/usr/share/datasets/fashion-mnist"
 DEFAULT_DATA = f"{DEFAULT_DATA_DIR}:train"
 DEFAULT_TEST_DATA = f"{DEFAULT_DATA_DIR}:test"
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass
@@ -68,8 +69,11 @@ class PretrainConfig:
     ckpt_every: int = 500
     keep_checkpoints: int = 2
     device: str = "auto"
-    #: fp32 or bf16 (autocast)
-    precision: str = "fp32"
+    #: auto, fp32 or bf16 (autocast). auto: bf16 on CUDA (where supported) and on CPUs with native bf16
+    #: when a timed probe finds it faster than fp32; fp32 elsewhere. The run's config.yaml holds the choice.
+    precision: str = "auto"
+    #: steps in a row with non-finite gradients (each one skipped) after which the run stops
+    max_consecutive_skips: int = 10
     #: channels_last memory format; None = on for CNN backbones (about 30% faster on CPU), off otherwise
     channels_last: bool | None = None
     #: DataLoader workers for large image folders (in-memory data needs none)
@@ -98,9 +102,12 @@ class PretrainConfig:
             raise ConfigError("give one budget: steps, epochs or minutes")
         if self.steps is None and self.epochs is None and self.minutes is None:
             self.steps = 1000
-        if self.precision not in ("fp32", "bf16"):
-            raise ConfigError(f"precision must be fp32 or bf16, got {self.precision!r}")
-        for name in ("batch_size", "log_every", "ckpt_every", "keep_checkpoints", "monitor_every", "monitor_size"):
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        for name in (
+            "batch_size", "log_every", "ckpt_every", "keep_checkpoints", "monitor_every", "monitor_size",
+            "max_consecutive_skips",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
         if self.optim.accum_steps < 1:

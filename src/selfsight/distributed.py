@@ -51,6 +51,7 @@ __all__ = [
     "init_from_env",
     "is_main",
     "kill_for_fault_test",
+    "poison_gradient_for_fault_test",
     "launched_by_torchrun",
     "local_rank",
     "rank",
@@ -435,3 +436,16 @@ def kill_for_fault_test(step: int) -> None:
         return
     if rank() == int(os.environ.get("SELFSIGHT_TEST_KILL_RANK", "0")):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def poison_gradient_for_fault_test(module: nn.Module, step: int) -> None:
+    """Hook of the non-finite-gradient test: after the backward of step ``SELFSIGHT_TEST_INF_GRAD_AT_STEP``
+    (comma-separated steps allowed), set the first gradient of ``module`` to +inf on rank
+    ``SELFSIGHT_TEST_INF_GRAD_RANK`` only (default 0), after DDP has averaged the gradients, so the ranks
+    disagree unless they decide together. Does nothing when the variable is unset."""
+    at = os.environ.get("SELFSIGHT_TEST_INF_GRAD_AT_STEP")
+    if at is None or step not in {int(s) for s in at.split(",")}:
+        return
+    if rank() == int(os.environ.get("SELFSIGHT_TEST_INF_GRAD_RANK", "0")):
+        grad = next(p.grad for p in module.parameters() if p.grad is not None)
+        grad.fill_(float("inf"))

@@ -48,6 +48,7 @@ from selfsight.config import PretrainConfig, save_config, to_dict
 from selfsight.data import make_batch_stream, open_images
 from selfsight.errors import ConfigError, TrainingError
 from selfsight.methods.base import Method
+from selfsight.precision import autocast_context, cpu_has_native_bf16, resolve_precision
 from selfsight.registry import create_method
 
 log = logging.getLogger("selfsight")
@@ -108,7 +109,10 @@ def step_generator(seed: int, micro_step: int) -> torch.Generator:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    """The global generators' states as tensors and plain values (checkpoints load with weights_only)."""
+    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    numpy_state = [name, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), cached_gaussian]
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": numpy_state}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -117,7 +121,8 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, position, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached_gaussian))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -194,7 +199,7 @@ class Trainer:
     """
 
     def __init__(self, cfg: PretrainConfig, resume: bool = False, progress: bool = True) -> None:
-        self.cfg = cfg
+        self.cfg = cfg = copy.copy(cfg)  # the precision is resolved in place (auto -> fp32 or bf16)
         self.run_dir = Path(cfg.out)
         self.device = training_device(cfg.device)
         distributed.init_from_env(self.device)
@@ -249,6 +254,11 @@ class Trainer:
         self._collapse_warned = False
         self.step = 0
         self.elapsed_before = 0.0
+        self.skipped_steps = 0  # steps whose gradients were not all finite (nothing was updated)
+        self._consecutive_skips = 0
+        self.start_time = time.perf_counter()  # reset when fit() starts
+        self._speed_mark = (0, self.start_time)  # (step, time) from which a --minutes run measures its speed
+        self._choose_precision(resume_state)
         if resume_state is not None:
             self._load_state(resume_state)
             log.info("resuming %s from step %d (%s)", self.run_dir, self.step, self.resumed_from.name)
@@ -269,6 +279,18 @@ class Trainer:
         self.step_module, self.ddp = distributed.wrap_training_step(self.method)
 
     # --- planning -----------------------------------------------------------------------------
+    def _choose_precision(self, resume_state: dict[str, Any] | None) -> None:
+        """Resolve ``precision: auto`` to fp32 or bf16 (rank 0's choice for all) and say which and why.
+        A resumed run keeps the precision its first attempt chose."""
+        requested = self.cfg.precision
+        if requested == "auto" and resume_state is not None:
+            requested = resume_state.get("config", {}).get("precision", "auto")
+        choice, reason = resolve_precision(requested, self.device, self._time_one_step)
+        self.cfg.precision = distributed.broadcast_object(choice)
+        if self.main:
+            slow = choice == "bf16" and self.device.type == "cpu" and not cpu_has_native_bf16()
+            (log.warning if slow else log.info)("precision %s (%s)", self.cfg.precision, reason)
+
     def _plan_steps(self) -> int:
         cfg = self.cfg
         per_epoch = max(1, self.images.num_images // (cfg.batch_size * self.accum))
@@ -282,8 +304,9 @@ class Trainer:
             log.info("budget %.1f min: %.3f s per step measured, planning %d steps", cfg.minutes, seconds, steps)
         return steps
 
-    def _time_one_step(self, warm: int = 2, timed: int = 5) -> float:
-        """Seconds per optimiser step, measured on a copy of the model (the run itself is untouched).
+    def _time_one_step(self, precision: str | None = None, warm: int = 2, timed: int = 5) -> float:
+        """Seconds per optimiser step in ``precision`` (default: the run's), measured on a copy of the model
+        (the run itself is untouched).
 
         Every rank times its own copy in step with the others (gathers and BatchNorm synchronisation
         are collectives); the copy is not wrapped in DDP, so gradients are not averaged.
@@ -292,6 +315,7 @@ class Trainer:
         method = copy.deepcopy(self.method)
         optimizer = torch.optim.AdamW(method.param_groups(0.0), lr=0.0)
         batches = self._batches(0)
+        autocast = autocast_context(self.device, precision or self.cfg.precision)
         start = 0.0
         for i in range(warm + timed):
             if i == warm:
@@ -299,7 +323,7 @@ class Trainer:
                 start = time.perf_counter()
             for micro in range(self.accum):
                 images, _ = next(batches)
-                with distributed.rank_share_of_draws():
+                with autocast, distributed.rank_share_of_draws():
                     out = method.training_step(images, step_generator(self.cfg.seed, micro))
                 (out.loss / self.accum).backward()
             optimizer.step()
@@ -358,6 +382,7 @@ class Trainer:
             "rng": rng_state(),
             "norm": {"mean": self.method.mean.flatten().tolist(), "std": self.method.std.flatten().tolist()},
             "elapsed_s": self.elapsed_before + (time.perf_counter() - self.start_time),
+            "skipped_steps": self.skipped_steps,
             "config": to_dict(self.cfg),
         }
 
@@ -367,6 +392,7 @@ class Trainer:
         self.step = int(state["step"])
         self.total_steps = int(state["schedule"]["total_steps"])
         self.elapsed_before = float(state.get("elapsed_s", 0.0))
+        self.skipped_steps = int(state.get("skipped_steps", 0))
         per_rank = state.get("rng_per_rank")
         if self.world > 1 and per_rank is not None and len(per_rank) == self.world:
             set_rng_state(per_rank[self.rank])
@@ -437,11 +463,66 @@ class Trainer:
         """DDP's ``no_sync`` for the micro-steps whose gradients are only accumulated (all but the last)."""
         return self.ddp.no_sync() if skip and self.ddp is not None else nullcontext()
 
+    # --- one optimiser step -------------------------------------------------------------------
+    def _forward_backward(self, batches: Iterator, autocast: Any) -> tuple[float, dict[str, float]]:
+        """Forward and backward over the ``accum`` micro-batches of one step; returns (sum of the micro-batch
+        losses, the last micro-batch's metrics). A non-finite loss stops the run (every rank sees it)."""
+        loss_sum, extra = 0.0, {}
+        for micro in range(self.accum):
+            images, _ = next(batches)
+            generator = step_generator(self.cfg.seed, self.step * self.accum + micro)
+            with self._no_sync(micro < self.accum - 1):
+                with autocast, distributed.rank_share_of_draws():
+                    out = self.step_module(images, generator)
+                # the mean over ranks: the global batch's loss, the same number on every rank
+                loss_value = float(distributed.all_reduce_mean(out.loss.detach()))
+                if not math.isfinite(loss_value):
+                    raise TrainingError(
+                        f"loss is {loss_value} at step {self.step}; stopping ({self._last_good()}; "
+                        "try a lower lr or fp32, then --resume)"
+                    )
+                (out.loss / self.accum).backward()
+            loss_sum += loss_value
+            extra = out.metrics
+        return loss_sum, extra
+
+    def _grad_norm(self) -> tuple[float, bool]:
+        """The total gradient norm (clipped to ``clip_grad`` when set) and whether every gradient is finite,
+        decided by all ranks together (DDP has averaged the gradients, so they agree anyway)."""
+        params = [p for p in self.method.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True) if params else torch.zeros(())
+        (nonfinite,) = distributed.any_rank(not bool(torch.isfinite(norm)))
+        if not nonfinite and self.cfg.optim.clip_grad > 0:
+            # takes the parameters (it clips their .grad), not the gradients themselves
+            torch.nn.utils.clip_grads_with_norm_(params, self.cfg.optim.clip_grad, norm, foreach=True)
+        return float(norm), not nonfinite
+
+    def _skip_step(self, grad_norm: float) -> None:
+        """A step whose gradients are not all finite changes nothing: no optimiser step, no momentum, queue
+        or centre update (the step counter and the data position still advance, so resume stays exact).
+        After ``max_consecutive_skips`` such steps in a row the run stops."""
+        self.skipped_steps += 1
+        self._consecutive_skips += 1
+        self.method.on_step_skipped()
+        log.warning(
+            "step %d: gradient norm is %s; step skipped (%d skipped so far)", self.step, grad_norm, self.skipped_steps
+        )
+        limit = self.cfg.max_consecutive_skips
+        if self._consecutive_skips >= limit:
+            raise TrainingError(
+                f"{limit} steps in a row had non-finite gradients (the last at step {self.step}); stopping "
+                f"({self._last_good()}; try a lower lr or fp32, then --resume)"
+            )
+
+    def _last_good(self) -> str:
+        kept = list_checkpoints(self.run_dir)
+        return f"the last good checkpoint is {kept[0]}" if kept else "no checkpoint was written yet"
+
     # --- the loop -----------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg
         self.start_time = time.perf_counter()
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if cfg.precision == "bf16" else nullcontext()
+        autocast = autocast_context(self.device, cfg.precision)
         batches = self._batches(self.step * self.accum)
         batch_images = cfg.batch_size * self.accum
         time_limit = cfg.minutes * 60 if cfg.minutes is not None else math.inf
@@ -481,38 +562,16 @@ class Trainer:
                     factor = lr_factor(self.step, self.total_steps, self.warmup_steps, cfg.optim.min_lr_ratio)
                     for group in self.optimizer.param_groups:
                         group["lr"] = cfg.optim.lr * factor * group.get("lr_scale", 1.0)
-                    loss_sum = 0.0
-                    extra: dict[str, float] = {}
-                    for micro in range(self.accum):
-                        images, _ = next(batches)
-                        generator = step_generator(cfg.seed, self.step * self.accum + micro)
-                        with self._no_sync(micro < self.accum - 1):
-                            with autocast, distributed.rank_share_of_draws():
-                                out = self.step_module(images, generator)
-                            # the mean over ranks: the global batch's loss, the same number on every rank
-                            loss_value = float(distributed.all_reduce_mean(out.loss.detach()))
-                            if not math.isfinite(loss_value):  # every rank sees it and stops
-                                kept = list_checkpoints(self.run_dir)
-                                where = (
-                                    f"the last good checkpoint is {kept[0]}"
-                                    if kept
-                                    else "no checkpoint was written yet"
-                                )
-                                raise TrainingError(
-                                    f"loss is {loss_value} at step {self.step}; stopping ({where}; "
-                                    "try a lower lr or fp32, then --resume)"
-                                )
-                            (out.loss / self.accum).backward()
-                        loss_sum += loss_value
-                        extra = out.metrics
-                    grad_norm = None
-                    if cfg.optim.clip_grad > 0:
-                        grad_norm = float(
-                            torch.nn.utils.clip_grad_norm_(self.method.parameters(), cfg.optim.clip_grad, foreach=True)
-                        )
-                    self.optimizer.step()
+                    loss_sum, extra = self._forward_backward(batches, autocast)
+                    distributed.poison_gradient_for_fault_test(self.method, self.step)
+                    grad_norm, finite = self._grad_norm()
+                    if finite:
+                        self._consecutive_skips = 0
+                        self.optimizer.step()
+                        self.method.on_step_end(self.step, self.total_steps)
+                    else:
+                        self._skip_step(grad_norm)
                     self.optimizer.zero_grad(set_to_none=True)
-                    self.method.on_step_end(self.step, self.total_steps)
                     self.step += 1
                     if self.step - start_step == 3:
                         self._speed_mark = (self.step, time.perf_counter())
@@ -533,7 +592,8 @@ class Trainer:
                             "img_per_s": round(throughput, 2),
                             "epoch": round(self.step * batch_images / self.images.num_images, 4),
                             "elapsed_s": round(self.elapsed_before + now - self.start_time, 2),
-                            **({"grad_norm": grad_norm} if grad_norm is not None else {}),
+                            **({"grad_norm": grad_norm} if math.isfinite(grad_norm) else {}),
+                            "skipped_steps": self.skipped_steps,
                             **extra,
                         }
                         write_record(record)
@@ -573,6 +633,7 @@ class Trainer:
             "minutes": round(elapsed / 60, 3),
             "img_per_s": round((self.step - start_step) * batch_images / max(run_seconds, 1e-9), 2),
             "final_loss": last_loss,
+            "skipped_steps": self.skipped_steps,
             "checkpoint": str(path),
             "run_dir": str(self.run_dir),
             "processes": self.world,

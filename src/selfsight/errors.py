@@ -17,5 +17,9 @@ class CheckpointError(SelfsightError):
     """No usable checkpoint where one was asked for."""
 
 
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint holds objects other than tensors and plain values: loading it could run code."""
+
+
 class TrainingError(SelfsightError):
     """Training cannot go on (for example a NaN or infinite loss)."""

@@ -56,3 +56,8 @@ class Method(nn.Module, abc.ABC):
 
     def on_step_end(self, step: int, total_steps: int) -> None:
         """Called after every optimiser step (momentum updates, schedules). Default: nothing."""
+
+    def on_step_skipped(self) -> None:
+        """Called instead of ``on_step_end`` when the engine skips a step whose gradients were not all
+        finite: drop whatever ``training_step`` set aside for ``on_step_end`` (keys for a queue, a batch
+        mean for a centre), so the skipped step changes nothing. Default: nothing."""
