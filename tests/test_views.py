@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import colorsys
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -19,10 +21,9 @@ from selfsight.data.views import (
     color_jitter,
     gaussian_blur,
     grayscale,
-    hsv_to_rgb,
+    hue_matrices,
     make_view,
     make_views,
-    rgb_to_hsv,
     sample_coins,
     sample_view,
     save_view_grid,
@@ -179,17 +180,56 @@ def test_contrast_on_one_channel_matches_torchvision() -> None:
     torch.testing.assert_close(out[1], TF.adjust_contrast(x[1], 1.5), atol=1e-6, rtol=0)
 
 
-def test_hue_matches_torchvision_and_hsv_round_trips() -> None:
-    x = rand_float(batch=4, side=10)
-    shifts = [-0.45, -0.1, 0.2, 0.5]
+# NTSC RGB -> YIQ, written here independently of selfsight.data.views.
+YIQ = np.array([[0.299, 0.587, 0.114], [0.5959, -0.2746, -0.3213], [0.2115, -0.5227, 0.3112]])
+
+
+def yiq_hue_reference(rgb: np.ndarray, shift: float) -> np.ndarray:
+    """float64 [3, H, W] -> [3, H, W]: to YIQ, rotate (I, Q) by -2 pi shift, back to RGB, clip to [0, 1]."""
+    y, i, q = np.einsum("ij,jhw->ihw", YIQ, rgb)
+    angle = -2 * math.pi * shift
+    rotated = np.stack([y, i * math.cos(angle) - q * math.sin(angle), i * math.sin(angle) + q * math.cos(angle)])
+    return np.clip(np.einsum("ij,jhw->ihw", np.linalg.inv(YIQ), rotated), 0, 1)
+
+
+def test_hue_is_a_yiq_rotation_and_zero_is_the_identity() -> None:
+    x = rand_float(batch=5, side=10)
+    shifts = [-0.5, -0.1, 0.0, 0.2, 0.5]
     out = color_jitter(x, hue=torch.tensor(shifts))
     for i, shift in enumerate(shifts):
-        torch.testing.assert_close(out[i], TF.adjust_hue(x[i], shift), atol=1e-3, rtol=0)
-    torch.testing.assert_close(hsv_to_rgb(rgb_to_hsv(x)), x, atol=1e-5, rtol=0)
-    pure = torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1)  # red; a third of a turn makes it green
-    torch.testing.assert_close(
-        color_jitter(pure, hue=torch.tensor([1 / 3])), torch.tensor([0.0, 1.0, 0.0]).view(1, 3, 1, 1)
-    )
+        expected = yiq_hue_reference(x[i].double().numpy(), shift)
+        np.testing.assert_allclose(out[i].numpy(), expected, atol=1e-5, rtol=0)
+    assert torch.equal(out[2], x[2])  # shift 0: exactly the identity, bit for bit
+    assert torch.equal(hue_matrices(torch.zeros(2)), torch.eye(3).expand(2, 3, 3))
+    assert (out[3] - x[3]).abs().max() > 0.05  # a real shift changes the image
+    # the luma stays where nothing was clamped; the hue of a colour moves the way torchvision's does
+    luma = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+    muted = 0.4 + 0.2 * x[:1]  # muted colours stay inside the RGB cube
+    turned = color_jitter(muted, hue=torch.tensor([0.3]))
+    torch.testing.assert_close((turned * luma).sum(1), (muted * luma).sum(1), atol=1e-5, rtol=0)
+    for colour in [(0.8, 0.3, 0.3), (0.3, 0.7, 0.4), (0.2, 0.3, 0.9)]:
+        pixel = torch.tensor(colour).view(1, 3, 1, 1)
+        for shift in (0.05, -0.05):
+            ours = color_jitter(pixel, hue=torch.tensor([shift])).flatten().tolist()
+            theirs = TF.adjust_hue(pixel[0], shift).flatten().tolist()
+            moved = [((colorsys.rgb_to_hsv(*c)[0] - colorsys.rgb_to_hsv(*colour)[0] + 0.5) % 1) - 0.5
+                     for c in (ours, theirs)]
+            assert moved[0] * moved[1] > 0 and 0.5 < moved[0] / moved[1] < 2, (colour, shift, moved)
+
+
+def test_views_do_not_depend_on_the_number_of_threads() -> None:
+    """DataLoader workers build views with 1 thread, the training process with several: same bits."""
+    images = rand_images(batch=20, side=72)  # chunks of 16 x 3 x 64 x 64 values: split between threads
+    specs = [ViewSpec(size=64, blur_p=0.5, solarize_p=0.3), ViewSpec(size=48, jitter_p=1.0)]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = make_views(images, specs, [0.5] * 3, [0.25] * 3, generator=gen(3))
+        torch.set_num_threads(max(2, threads))
+        several = make_views(images, specs, [0.5] * 3, [0.25] * 3, generator=gen(3))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(one, several))
 
 
 def test_jitter_runs_in_the_given_order() -> None:
@@ -198,9 +238,10 @@ def test_jitter_runs_in_the_given_order() -> None:
     factors["hue"] = torch.tensor([0.3])
     order = (3, 1, 0, 2)
     expected = x[0]
+    yiq_hue = lambda image, shift: torch.from_numpy(yiq_hue_reference(image.double().numpy(), shift)).float()
     for index in order:
         name = ("brightness", "contrast", "saturation", "hue")[index]
-        adjust = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)[index]
+        adjust = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, yiq_hue)[index]
         expected = adjust(expected, float(factors[name][0]))
     torch.testing.assert_close(color_jitter(x, **factors, order=order)[0], expected, atol=1e-3, rtol=0)
     other_order = color_jitter(x, **factors, order=(0, 1, 2, 3))[0]

@@ -72,22 +72,23 @@ def crop_and_resize(x: torch.Tensor, boxes: torch.Tensor, size: int, flip: torch
     mirrored left-right where ``flip`` (bool [B]) is True.
 
     x: float [B, C, H, W]; boxes: [B, 4] (left, top, width, height) in pixels -> [B, C, size, size].
-    One affine_grid + grid_sample; no antialiasing, so shrinking a box a lot aliases. The flip is a
+    One grid_sample; no antialiasing, so shrinking a box a lot aliases. The flip is a
     negative horizontal scale of the sampling grid (the output grid is symmetric about the box's
     centre), so it costs nothing, unlike flipping and blending the whole batch afterwards.
     """
-    batch, channels, height, width = x.shape
+    _, _, height, width = x.shape
     boxes = boxes.to(device=x.device, dtype=x.dtype)
     left, top, box_w, box_h = boxes.unbind(dim=1)
-    # Normalized coordinates: -1 and +1 are the outer edges of the image (align_corners=False).
-    theta = torch.zeros(batch, 2, 3, dtype=x.dtype, device=x.device)
-    theta[:, 0, 0] = box_w / width
+    # Normalized coordinates: -1 and +1 are the outer edges of the image (align_corners=False). The box is
+    # an axis-aligned scale and shift, so the grid is an outer sum of a row of x and a column of y
+    # coordinates: what affine_grid computes, without its [B, size * size, 3] x [B, 3, 2] product.
+    centres = torch.linspace(-1, 1, size, dtype=x.dtype, device=x.device) * ((size - 1) / size)  # output pixels
+    scale_x = box_w / width
     if flip is not None:
-        theta[:, 0, 0] *= 1 - 2 * flip.to(device=x.device, dtype=x.dtype)
-    theta[:, 0, 2] = (2 * left + box_w) / width - 1
-    theta[:, 1, 1] = box_h / height
-    theta[:, 1, 2] = (2 * top + box_h) / height - 1
-    grid = F.affine_grid(theta, [batch, channels, size, size], align_corners=False)
+        scale_x = scale_x * (1 - 2 * flip.to(device=x.device, dtype=x.dtype))
+    grid_x = scale_x.unsqueeze(1) * centres + ((2 * left + box_w) / width - 1).unsqueeze(1)  # [B, size]
+    grid_y = (box_h / height).unsqueeze(1) * centres + ((2 * top + box_h) / height - 1).unsqueeze(1)
+    grid = torch.stack([grid_x.unsqueeze(1).expand(-1, size, -1), grid_y.unsqueeze(2).expand(-1, -1, size)], dim=-1)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 

@@ -8,6 +8,12 @@ RNG is never used), and a deterministic function applies them in batched ops on 
 device. Ops with a coin run only on the samples whose coin came up (`apply_where`). Under data
 parallelism every `sample_*` draws for the global batch and keeps this rank's rows
 (`selfsight.distributed.draw_rows`), so each rank gets its slice of a 1-process run's views.
+
+Cost on the CPU (where DataLoader workers run this, see `worker_views.py`): the hue step is a rotation in
+YIQ space, one 3x3 matrix per image (`adjust_hue`; torchvision rotates in HSV), the jitter runs in place
+on the whole batch with neutral factors for the samples whose coin did not come up, and `make_views`
+goes through the batch in chunks of `CPU_CHUNK` images. No op fuses a multiply and an add, so the views
+are the same bits whatever the number of threads (1 in a worker, several in the training process).
 """
 
 from __future__ import annotations
@@ -22,12 +28,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from selfsight.data.augment import crop_and_resize, normalize, sample_crop_boxes, sample_flips, to_float
+from selfsight.data.augment import crop_and_resize, sample_crop_boxes, sample_flips, to_float
 from selfsight.distributed import draw_rows
 
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma weights of R, G, B (torchvision uses 0.2989 for R)
 _MIN_SIGMA = 1e-4  # smaller blur sigmas are treated as this: the kernel is then exactly [0, ..., 1, ..., 0]
 _GRID_GAP = 2  # pixels between the cells of save_view_grid, and around them
+#: images per chunk when make_views runs on the CPU (16 RGB 224-px float images: 9.6 MB per temporary)
+CPU_CHUNK = 16
 
 
 @dataclass(frozen=True)
@@ -94,6 +102,17 @@ def apply_where(x: torch.Tensor, chosen: torch.Tensor, op: Callable[[torch.Tenso
     return x.index_copy(0, index, op(x.index_select(0, index)))
 
 
+def _apply_where_(x: torch.Tensor, chosen: torch.Tensor, op: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """`apply_where` writing the chosen samples back into x (which the caller owns): no copy of the others."""
+    chosen = chosen.cpu()
+    if not bool(chosen.any()):
+        return x
+    if bool(chosen.all()):
+        return op(x)
+    index = chosen.nonzero().squeeze(1).to(x.device)
+    return x.index_copy_(0, index, op(x.index_select(0, index)))
+
+
 def _per_sample(values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """[B] -> [B, 1, 1, 1] with x's device and dtype."""
     return values.to(device=x.device, dtype=x.dtype).view(-1, 1, 1, 1)
@@ -113,64 +132,100 @@ def _luma(x: torch.Tensor) -> torch.Tensor:
     return (_LUMA[0] * red + _LUMA[1] * green + _LUMA[2] * blue).unsqueeze(1)
 
 
-def _blend(x: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """factor * x + (1 - factor) * other, clamped to [0, 1]; factor: [B]."""
+def _luma_of(x: torch.Tensor) -> torch.Tensor:
+    """The gray image [B, 1, H, W] of x [B, C, H, W]: the luma of 3 channels, x itself for 1."""
+    return _luma(x) if x.shape[1] == 3 else x
+
+
+# In-place forms of the jitter ops: x [B, C, H, W] in [0, 1], owned by the caller, is overwritten (the
+# result is returned). Each multiplication and addition is its own op (no fused multiply-add), so the
+# result does not depend on how the work is split between threads or vector lanes.
+
+
+def _brightness_(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return x.mul_(_per_sample(factor, x)).clamp_(0, 1)
+
+
+def _contrast_(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     factor = _per_sample(factor, x)
-    return (factor * x + (1 - factor) * other).clamp(0, 1)
+    mean = _luma_of(x).mean(dim=(1, 2, 3), keepdim=True)
+    return x.mul_(factor).add_((1 - factor) * mean).clamp_(0, 1)
+
+
+def _saturation_(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    if x.shape[1] == 1:
+        return x
+    factor = _per_sample(factor, x)
+    gray = _luma(x).mul_(1 - factor)
+    return x.mul_(factor).add_(gray).clamp_(0, 1)
+
+
+def _hue_(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    if x.shape[1] == 1:
+        return x
+    return apply_color_matrices(x, hue_matrices(shift)).clamp_(0, 1)
 
 
 def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """x * factor, clamped. x: [B, C, H, W] in [0, 1]; factor: [B]."""
-    return _blend(x, torch.zeros_like(x), factor)
+    return _brightness_(x.clone(), factor)
 
 
 def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """Blend with the per-image mean of the gray image (of all channels when C != 3), clamped. factor: [B]."""
-    gray = _luma(x) if x.shape[1] == 3 else x
-    return _blend(x, gray.mean(dim=(1, 2, 3), keepdim=True), factor)
+    return _contrast_(x.clone(), factor)
 
 
 def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """Blend with the gray image, clamped. x: [B, 3, H, W] (1 channel: returned as is); factor: [B]."""
-    if x.shape[1] == 1:
-        return x
-    return _blend(x, _luma(x), factor)
+    return _saturation_(x.clone(), factor)
 
 
-def rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
-    """x: RGB [B, 3, H, W] in [0, 1] -> HSV [B, 3, H, W], hue in [0, 1) (0 where the pixel is gray)."""
-    red, green, blue = x.unbind(dim=1)
-    value = x.amax(dim=1)
-    delta = value - x.amin(dim=1)
-    saturation = delta / torch.where(value > 0, value, torch.ones_like(value))
-    safe_delta = torch.where(delta > 0, delta, torch.ones_like(delta))
-    hue = torch.where(
-        value == red,
-        ((green - blue) / safe_delta) % 6,
-        torch.where(value == green, (blue - red) / safe_delta + 2, (red - green) / safe_delta + 4),
-    )
-    hue = torch.where(delta > 0, hue / 6, torch.zeros_like(hue)) % 1
-    return torch.stack([hue, saturation, value], dim=1)
+# RGB -> YIQ (FCC NTSC): Y is the luma of `_LUMA`; the I and Q rows sum to 0, so a gray pixel has I = Q = 0.
+_RGB_TO_YIQ = (_LUMA, (0.5959, -0.2746, -0.3213), (0.2115, -0.5227, 0.3112))
 
 
-def hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
-    """x: HSV [B, 3, H, W] (hue in [0, 1)) -> RGB [B, 3, H, W] in [0, 1].
+def hue_matrices(shift: torch.Tensor) -> torch.Tensor:
+    """The RGB -> RGB hue rotations for shifts of `shift` turns: float32 [B, 3, 3] on shift's device.
 
-    R, G, B = V - V S clamp(min(k, 4 - k), 0, 1) with k = (m + 6 H) mod 6 for m = 5, 3, 1."""
-    hue, saturation, value = x.unbind(dim=1)
-    offsets = torch.tensor([5.0, 3.0, 1.0], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    k = (offsets + 6 * hue.unsqueeze(1)) % 6
-    ramp = torch.minimum(k, 4 - k).clamp(0, 1)
-    return value.unsqueeze(1) * (1 - saturation.unsqueeze(1) * ramp)
+    M = T^-1 R T with T RGB -> YIQ and R the rotation of the (I, Q) plane by -2 pi shift (the sign makes a
+    positive shift turn red towards yellow, as HSV's hue shift does), written as
+    M = Id + (cos - 1) (Id - 1 w^T) + sin T^-1 J T (w: the luma weights, J: the 90-degree turn of (I, Q)),
+    so a shift of 0 gives exactly the identity. Computed in float64, returned as float32.
+    """
+    yiq = torch.tensor(_RGB_TO_YIQ, dtype=torch.float64)
+    turn = torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]], dtype=torch.float64)
+    chroma = torch.eye(3, dtype=torch.float64) - torch.ones(3, 1, dtype=torch.float64) * yiq[:1]  # Id - 1 w^T
+    quarter = torch.linalg.inv(yiq) @ turn @ yiq
+    angle = -2 * math.pi * shift.detach().to("cpu", torch.float64).view(-1, 1, 1)
+    matrices = torch.eye(3, dtype=torch.float64) + (angle.cos() - 1) * chroma + angle.sin() * quarter
+    return matrices.to(device=shift.device, dtype=torch.float32)
+
+
+def apply_color_matrices(x: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
+    """Per-image linear colour map: out[b, i] = sum_j matrices[b, i, j] x[b, j]. x: [B, 3, H, W];
+    matrices: [B, 3, 3] -> new [B, 3, H, W]. Plain multiplications and additions (no fused multiply-add),
+    summed over j in order, so an identity matrix gives x exactly."""
+    m = matrices.to(device=x.device, dtype=x.dtype).view(-1, 3, 3, 1, 1)
+    out = x[:, 0:1] * m[:, :, 0]
+    term = torch.empty_like(out)
+    for j in (1, 2):
+        out.add_(torch.mul(x[:, j : j + 1], m[:, :, j], out=term))
+    return out
 
 
 def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """Rotates the hue by shift turns (in [-0.5, 0.5]). x: [B, 3, H, W] (1 channel: as is); shift: [B]."""
-    if x.shape[1] == 1:
-        return x
-    hsv = rgb_to_hsv(x)
-    hue = (hsv[:, :1] + _per_sample(shift, x)) % 1
-    return hsv_to_rgb(torch.cat([hue, hsv[:, 1:]], dim=1))
+    """Rotates the hue by shift turns (in [-0.5, 0.5]) in YIQ space, then clamps to [0, 1].
+    x: [B, 3, H, W] in [0, 1] (1 channel: as is); shift: [B].
+
+    Not torchvision's HSV hue: a rotation of the chroma plane (I, Q) keeps the luma and the chroma's size and
+    costs one 3x3 matrix per image (`hue_matrices`) instead of an RGB -> HSV -> RGB round trip (about 10x
+    faster on CPU). The HSV hue of a pixel moves the same way as with torchvision's, by about 0.75 to 1.5
+    times as far depending on the colour (YIQ angles are not HSV hues), so pixel values differ by up to a
+    few tenths at strong shifts; the YIQ result can leave the RGB cube (then clamped). A shift of 0
+    returns x exactly.
+    """
+    return _hue_(x.clone(), shift)
 
 
 @dataclass(frozen=True)
@@ -187,16 +242,31 @@ class JitterFactors:
     hue: torch.Tensor | None
     order: tuple[int, ...]
 
+    def _map(self, fn: Callable[[torch.Tensor, float], torch.Tensor]) -> JitterFactors:
+        neutral = (1.0, 1.0, 1.0, 0.0)
+        values = (self.brightness, self.contrast, self.saturation, self.hue)
+        return JitterFactors(*(None if v is None else fn(v, n) for v, n in zip(values, neutral)), self.order)
+
     def select(self, chosen: torch.Tensor) -> JitterFactors:
         """The factors of the samples where chosen (bool [B]) is True."""
-        pick = lambda values: None if values is None else values[chosen]
-        return JitterFactors(
-            *(pick(f) for f in (self.brightness, self.contrast, self.saturation, self.hue)), self.order
-        )
+        return self._map(lambda values, _: values[chosen])
+
+    def rows(self, part: slice) -> JitterFactors:
+        """The factors of samples part.start .. part.stop - 1."""
+        return self._map(lambda values, _: values[part])
+
+    def only(self, chosen: torch.Tensor) -> JitterFactors:
+        """These factors where chosen (bool [B]) is True and the neutral ones (1, 1, 1, hue 0), which leave an
+        image in [0, 1] unchanged, elsewhere: every sample can then go through the same batched ops."""
+        return self._map(lambda values, neutral: torch.where(chosen, values, torch.full_like(values, neutral)))
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """color_jitter with these factors and order. x: [B, C, H, W] -> [B, C, H, W]."""
         return color_jitter(x, self.brightness, self.contrast, self.saturation, self.hue, self.order)
+
+    def apply_(self, x: torch.Tensor) -> torch.Tensor:
+        """Like `apply`, overwriting x (which the caller owns); returns the result."""
+        return _color_jitter_(x, (self.brightness, self.contrast, self.saturation, self.hue), self.order)
 
 
 def sample_jitter(batch_size: int, spec: ViewSpec, *, generator: torch.Generator) -> JitterFactors:
@@ -219,6 +289,14 @@ def sample_jitter(batch_size: int, spec: ViewSpec, *, generator: torch.Generator
     return JitterFactors(factor(0, spec.brightness), factor(1, spec.contrast), factor(2, spec.saturation), hue, order)
 
 
+def _color_jitter_(x: torch.Tensor, factors: Sequence[torch.Tensor | None], order: Sequence[int]) -> torch.Tensor:
+    adjusts = (_brightness_, _contrast_, _saturation_, _hue_)
+    for index in order:
+        if factors[index] is not None:
+            x = adjusts[index](x, factors[index])
+    return x
+
+
 def color_jitter(
     x: torch.Tensor,
     brightness: torch.Tensor | None = None,
@@ -227,18 +305,14 @@ def color_jitter(
     hue: torch.Tensor | None = None,
     order: Sequence[int] = (0, 1, 2, 3),
 ) -> torch.Tensor:
-    """torchvision's ColorJitter on float images with per-sample factors, in the given op order.
+    """torchvision's ColorJitter on float images with per-sample factors, in the given op order, except
+    that the hue step is a rotation in YIQ space (see `adjust_hue`).
 
-    x: [B, C, H, W] in [0, 1]; factors: [B] each or None (skipped); order: indices into
+    x: [B, C, H, W] in [0, 1] (not modified); factors: [B] each or None (skipped); order: indices into
     (brightness, contrast, saturation, hue). Saturation and hue are skipped on 1-channel images.
-    Returns [B, C, H, W] in [0, 1].
+    Returns a new [B, C, H, W] in [0, 1].
     """
-    factors = (brightness, contrast, saturation, hue)
-    adjusts = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
-    for index in order:
-        if factors[index] is not None:
-            x = adjusts[index](x, factors[index])
-    return x
+    return _color_jitter_(x.clone(), (brightness, contrast, saturation, hue), order)
 
 
 def blur_kernel_size(sigma_max: float, height: int, width: int) -> int:
@@ -305,6 +379,12 @@ class ViewParams:
     blur_sigma: torch.Tensor
     solarize_on: torch.Tensor
 
+    def rows(self, start: int, stop: int) -> ViewParams:
+        """The parameters of samples start .. stop - 1."""
+        part = slice(start, stop)
+        return ViewParams(self.boxes[part], self.flip[part], self.jitter_on[part], self.jitter.rows(part),
+                          self.grayscale_on[part], self.blur_on[part], self.blur_sigma[part], self.solarize_on[part])
+
 
 def sample_view(batch_size: int, height: int, width: int, spec: ViewSpec, *, generator: torch.Generator) -> ViewParams:
     """One view's parameters for B images of height x width, drawn from a CPU generator, always in the
@@ -321,16 +401,21 @@ def sample_view(batch_size: int, height: int, width: int, spec: ViewSpec, *, gen
 
 
 def apply_view(x: torch.Tensor, params: ViewParams, spec: ViewSpec) -> torch.Tensor:
-    """x: float [B, C, H, W] in [0, 1] -> [B, C, spec.size, spec.size] in [0, 1]: crop -> hflip -> color jitter
-    -> grayscale -> blur (kernel size from spec.blur_sigma[1]) -> solarize."""
+    """x: float [B, C, H, W] in [0, 1] (not modified) -> new [B, C, spec.size, spec.size] in [0, 1]: crop ->
+    hflip -> color jitter -> grayscale -> blur (kernel size from spec.blur_sigma[1]) -> solarize.
+
+    The jitter runs on the whole batch with neutral factors for the samples whose coin did not come up
+    (`JitterFactors.only`), in place on the crop: no gather and scatter of the chosen samples.
+    """
     view = crop_and_resize(x, params.boxes, spec.size, params.flip)
-    view = apply_where(view, params.jitter_on, params.jitter.select(params.jitter_on).apply)
+    if bool(params.jitter_on.any()):
+        view = params.jitter.only(params.jitter_on).apply_(view)
     if view.shape[1] != 1:
-        view = apply_where(view, params.grayscale_on, grayscale)
+        view = _apply_where_(view, params.grayscale_on, grayscale)
     kernel_size = blur_kernel_size(spec.blur_sigma[1], spec.size, spec.size)
     sigma = params.blur_sigma[params.blur_on]
-    view = apply_where(view, params.blur_on, lambda chosen: gaussian_blur(chosen, sigma, kernel_size).clamp(0, 1))
-    return apply_where(view, params.solarize_on, lambda chosen: solarize(chosen, spec.solarize_threshold))
+    view = _apply_where_(view, params.blur_on, lambda chosen: gaussian_blur(chosen, sigma, kernel_size).clamp_(0, 1))
+    return _apply_where_(view, params.solarize_on, lambda chosen: solarize(chosen, spec.solarize_threshold))
 
 
 def make_view(x: torch.Tensor, spec: ViewSpec, *, generator: torch.Generator) -> torch.Tensor:
@@ -349,11 +434,35 @@ def make_views(
     std: Sequence[float] | torch.Tensor,
     *,
     generator: torch.Generator,
+    out: Sequence[torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
     """images: uint8 [B, C, H, W] (or float in [0, 1]), any device -> one normalised float32 view
-    [B, C, s, s] per spec, in order. mean, std: C values or [1, C, 1, 1]; generator: CPU, used spec by spec."""
-    x = to_float(images) if images.dtype == torch.uint8 else images.float()
-    return [normalize(make_view(x, spec, generator=generator), mean, std) for spec in specs]
+    [B, C, s, s] per spec, in order. mean, std: C values or [1, C, 1, 1]; generator: CPU, used spec by spec
+    (all of a view's parameters, then the next view's). out: optional float32 [B, C, s, s] per spec to
+    write the views into (e.g. in shared memory); returned then.
+
+    On the CPU the images go through in chunks of `CPU_CHUNK` (the temporaries stay in cache and the
+    allocator reuses them); on other devices as one batch. Autocast is off: the views are float32
+    whatever the training precision, so they do not depend on where (which process) they are built.
+    """
+    batch = images.shape[0]
+    params = [sample_view(batch, images.shape[2], images.shape[3], spec, generator=generator) for spec in specs]
+    views = list(out) if out is not None else [
+        torch.empty((batch, images.shape[1], spec.size, spec.size), dtype=torch.float32, device=images.device)
+        for spec in specs
+    ]
+    chunk = CPU_CHUNK if images.device.type == "cpu" else max(1, batch)
+    mean = torch.as_tensor(mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+    std = torch.as_tensor(std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+    with torch.autocast(images.device.type, enabled=False):
+        for start in range(0, batch, chunk):
+            stop = min(batch, start + chunk)
+            part = images[start:stop]
+            x = to_float(part) if part.dtype == torch.uint8 else part.float()
+            for spec, spec_params, view in zip(specs, params, views):
+                rendered = apply_view(x, spec_params.rows(start, stop), spec)
+                torch.div(rendered.sub_(mean), std, out=view[start:stop])
+    return views
 
 
 def save_view_grid(
