@@ -22,6 +22,8 @@ _STATS_SEED = 0
 _STATS_CHUNK = 256
 _SUMMARY_SKIPPED = 20
 
+BadFile = tuple[int, str, str]  # (image index, path relative to the root, one-line reason)
+
 
 @dataclass
 class ImageSet(abc.ABC):
@@ -132,12 +134,15 @@ class LazyImages(ImageSet):
 
     Picklable. An unreadable image is replaced by the nearest following readable one (wrapping
     around), so a run never stops on one bad file; each bad image is logged once per process and
-    added to `skipped` of that process's copy (images found bad in DataLoader workers are only logged).
+    added to `skipped` of that process's copy. `take_new_bad_files` hands over those met since the last
+    call (a DataLoader worker returns them with its batch; the training process records them in its
+    copy with `note_bad_file`, see `BatchStream.bad_files`).
     Subclasses say where image `index` lives (`name_of`) and how to decode it (`try_decode`).
     """
 
     root: str = ""
     bad_files: set[int] = field(default_factory=set, repr=False)  # indices known to be unreadable
+    new_bad_files: list[BadFile] = field(default_factory=list, repr=False)  # met since take_new_bad_files
 
     @abc.abstractmethod
     def name_of(self, index: int) -> str:
@@ -162,9 +167,24 @@ class LazyImages(ImageSet):
                 return pixels, source
             self.bad_files.add(source)
             self.skipped.append((self.name_of(source), reason))
+            self.new_bad_files.append((source, self.name_of(source), reason))
             logger.warning("could not read %s (%s); using the next readable image instead",
                            self.path_of(source), reason)
         raise DataError(f"no image in {self.root} could be read (last tried {self.path_of(index)})")
+
+    def take_new_bad_files(self) -> list[BadFile]:
+        """The unreadable images this copy met since the last call, in order: (index, name, reason)."""
+        met, self.new_bad_files = self.new_bad_files, []
+        return met
+
+    def note_bad_file(self, index: int, name: str, reason: str) -> bool:
+        """Records image `index` as unreadable (met by another copy, e.g. a worker's): it is added to
+        `bad_files` and `skipped` unless already known. Returns whether it was new."""
+        if index in self.bad_files:
+            return False
+        self.bad_files.add(index)
+        self.skipped.append((name, reason))
+        return True
 
     def load_batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """indices: int64 [B] -> (uint8 [B, C, S, S], source indices int64 [B])."""

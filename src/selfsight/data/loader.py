@@ -8,6 +8,11 @@ epoch is dropped). A run resumed at start_batch=k therefore sees exactly batches
 Data parallelism: with ``world_size`` W processes each given ``batch_size`` B, global batch b is the
 1-process run's batch of W * B images and rank r takes its r-th contiguous slice of B. Every image is
 then seen once per epoch across the ranks (DistributedSampler's guarantee), and exact resume still holds.
+
+Lazily decoded sets are decoded in DataLoader workers; given a `WorkerViews`, the workers also build the
+views of each batch (`selfsight.data.worker_views`) and the stream yields `PreparedViews` in place of the
+uint8 images. Unreadable files a worker meets come back with the batch: the stream lists them in
+`BatchStream.bad_files` and adds them to the `skipped` of the training process's ImageSet.
 """
 
 from __future__ import annotations
@@ -18,12 +23,15 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from selfsight.data.imageset import ImageSet, InMemoryImages
+from selfsight.data.imageset import BadFile, ImageSet, InMemoryImages, LazyImages
+from selfsight.data.worker_views import PreparedViews, WorkerViews
 from selfsight.errors import DataError
 
 EPOCH_SEED_STRIDE = 1_000_003
 
 Batch = tuple[torch.Tensor, torch.Tensor | None]  # (images uint8 [B, C, S, S], labels int64 [B] or None)
+#: what the stream yields: (uint8 images [B, C, S, S] or their PreparedViews, labels int64 [B] or None)
+StreamBatch = tuple[torch.Tensor | PreparedViews, torch.Tensor | None]
 
 
 def epoch_permutation(num_images: int, seed: int, epoch: int, shuffle: bool = True) -> torch.Tensor:
@@ -70,14 +78,21 @@ def _load(images: ImageSet, indices: torch.Tensor) -> Batch:
 
 
 class _GlobalBatches(Dataset):
-    """Map-style data set whose item b is the whole global batch b (built inside a worker)."""
+    """Map-style data set whose item b is this rank's share of global batch b (built inside a worker):
+    (uint8 images, or their views when `views` is given; labels; the unreadable files met meanwhile)."""
 
-    def __init__(self, images: ImageSet, indexer: BatchIndexer) -> None:
+    def __init__(self, images: ImageSet, indexer: BatchIndexer, views: WorkerViews | None = None) -> None:
         self.images = images
         self.indexer = indexer
+        self.views = views
 
-    def __getitem__(self, batch: int) -> Batch:
-        return _load(self.images, self.indexer.indices(batch))
+    def __getitem__(self, batch: int) -> tuple[torch.Tensor | PreparedViews, torch.Tensor | None, list[BadFile]]:
+        pixels, labels = _load(self.images, self.indexer.indices(batch))
+        met = self.images.take_new_bad_files() if isinstance(self.images, LazyImages) else []
+        if self.views is None:
+            return pixels, labels, met
+        prepared = self.views.prepare(pixels, batch, self.indexer.rank, self.indexer.world_size)
+        return prepared, labels, met
 
 
 class _CountFrom(Sampler[int]):
@@ -112,7 +127,9 @@ def _pin(batch: Batch) -> Batch:
 
 class BatchStream:
     """Yields (images uint8 [B, C, S, S], labels int64 [B] or None) for this rank's share of global
-    batch indices start_batch, start_batch + 1, ... forever (epochs roll over).
+    batch indices start_batch, start_batch + 1, ... forever (epochs roll over); with `views` (a
+    `WorkerViews`), lazily decoded sets and `num_workers` > 0, the workers build the views of each batch
+    and the stream yields (`PreparedViews`, labels) instead (in-memory sets and num_workers 0: uint8 as ever).
 
     Batch b belongs to epoch b // batches_per_epoch; each epoch is a permutation of range(N) drawn
     from torch.Generator().manual_seed(seed * 1_000_003 + epoch); the last incomplete batch of an
@@ -121,6 +138,9 @@ class BatchStream:
     b is the W * B images a 1-process stream of batch size W * B yields, and rank r gets its r-th
     contiguous slice (each image once per epoch across ranks). In-memory sets are indexed in the main
     process; lazy folders are decoded by a DataLoader with `num_workers` workers, each building whole batches.
+
+    `bad_files`: (path relative to the root, reason) of each unreadable image met while streaming, once
+    each, in the order met (in a worker or not); they are also added to `images.skipped` of this process.
     """
 
     def __init__(
@@ -135,6 +155,7 @@ class BatchStream:
         *,
         rank: int = 0,
         world_size: int = 1,
+        views: WorkerViews | None = None,
     ) -> None:
         if batch_size < 1:
             raise DataError(f"batch size must be positive for {images.description}, got {batch_size}")
@@ -157,6 +178,22 @@ class BatchStream:
         self.rank = rank
         self.world_size = world_size
         self.batches_per_epoch = images.num_images // (batch_size * world_size)
+        self.views = views
+        self.bad_files: list[tuple[str, str]] = []
+        self._bad_seen: set[int] = set()
+
+    @property
+    def builds_views(self) -> bool:
+        """True when the workers build the views (lazily decoded set, workers, a `WorkerViews`)."""
+        return self.views is not None and self.num_workers > 0 and not isinstance(self.images, InMemoryImages)
+
+    def _note_bad_files(self, met: list[BadFile]) -> None:
+        for index, name, reason in met:
+            if isinstance(self.images, LazyImages):
+                self.images.note_bad_file(index, name, reason)
+            if index not in self._bad_seen:
+                self._bad_seen.add(index)
+                self.bad_files.append((name, reason))
 
     def _indexer(self) -> BatchIndexer:
         return BatchIndexer(
@@ -168,7 +205,7 @@ class BatchStream:
         rank and world size)."""
         return self._indexer().indices(batch)
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Iterator[StreamBatch]:
         indexer = self._indexer()
         if isinstance(self.images, InMemoryImages):
             for batch in itertools.count(self.start_batch):
@@ -176,14 +213,17 @@ class BatchStream:
                 yield _pin(loaded) if self.pin_memory else loaded
             return
         loader = DataLoader(
-            _GlobalBatches(self.images, indexer),
+            _GlobalBatches(self.images, indexer, self.views if self.builds_views else None),
             batch_size=None,  # items are whole batches already
             sampler=_CountFrom(self.start_batch),
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=False,
         )
-        yield from loader
+        for images, labels, met in loader:
+            if met:
+                self._note_bad_files(met)
+            yield images, labels
 
 
 def iterate_in_order(images: ImageSet, batch_size: int, num_workers: int = 0) -> Iterator[Batch]:

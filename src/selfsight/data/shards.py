@@ -44,6 +44,7 @@ import torch
 from selfsight.data.decode import try_decode_image_file
 from selfsight.data.imageset import ImageSet, LazyImages
 from selfsight.data.loader import EPOCH_SEED_STRIDE, BatchIndexer, BatchStream
+from selfsight.data.worker_views import WorkerViews
 from selfsight.errors import DataError
 
 INDEX_NAME = "index.json"
@@ -299,11 +300,12 @@ class ShardStream(BatchStream):
         rank: int = 0,
         world_size: int = 1,
         shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
+        views: WorkerViews | None = None,
     ) -> None:
         if shuffle_buffer < 1:
             raise DataError(f"the shuffle buffer must hold at least one sample, got {shuffle_buffer}")
         super().__init__(images, batch_size, seed, start_batch, num_workers, pin_memory, shuffle,
-                         rank=rank, world_size=world_size)
+                         rank=rank, world_size=world_size, views=views)
         self.starts = images.shards.starts
         self.shuffle_buffer = shuffle_buffer
 
@@ -315,7 +317,8 @@ class ShardStream(BatchStream):
 def make_batch_stream(images: ImageSet, *args: Any, **kwargs: Any) -> BatchStream:
     """The training stream for `images`, this rank's share: a `ShardStream` for shards, else a
     `BatchStream`, built with `BatchStream`'s arguments (batch_size, seed, start_batch, num_workers,
-    pin_memory, shuffle, rank=, world_size=). Both yield (uint8 [B, C, S, S], int64 [B] or None) for
-    batches start_batch, start_batch + 1, ..."""
+    pin_memory, shuffle, rank=, world_size=, views=). Both yield (uint8 [B, C, S, S], int64 [B] or None)
+    for batches start_batch, start_batch + 1, ... (or PreparedViews in place of the uint8 images, when
+    their workers build the views, see `BatchStream`)."""
     stream_class = ShardStream if isinstance(images, ShardImages) else BatchStream
     return stream_class(images, *args, **kwargs)

@@ -10,6 +10,7 @@ from torch import nn
 
 from selfsight.backbones import Backbone, param_groups
 from selfsight.data.views import ViewSpec, make_views
+from selfsight.data.worker_views import PreparedViews
 
 
 @dataclass
@@ -46,8 +47,15 @@ class Method(nn.Module, abc.ABC):
     #: the recipes of the views a step trains on (set by methods that use ``selfsight.data.views``)
     view_specs: list[ViewSpec]
 
-    def views(self, images: torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:
-        """The augmented, normalised float views [B, C, s, s] one training step would see (one per view spec)."""
+    def views(self, images: torch.Tensor | PreparedViews, generator: torch.Generator) -> list[torch.Tensor]:
+        """The augmented, normalised float views [B, C, s, s] one training step would see (one per view spec).
+
+        images: uint8 [B, C, S, S], or the PreparedViews a DataLoader worker built from them with this
+        step's generator: then those views are returned and ``generator`` is set to the state after
+        the view draws, so every later draw is the one it would be without workers.
+        """
+        if isinstance(images, PreparedViews):
+            return images.restore(generator)
         return make_views(images, self.view_specs, self.mean, self.std, generator=generator)
 
     def param_groups(self, weight_decay: float) -> list[dict]:

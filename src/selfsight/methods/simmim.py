@@ -8,6 +8,7 @@ L1 loss on the normalised pixels of masked patches only.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +16,7 @@ from torch import nn
 
 from selfsight.backbones import Backbone
 from selfsight.data.augment import normalize, random_hflip, random_resized_crop, to_float
+from selfsight.data.worker_views import PreparedViews
 from selfsight.errors import ConfigError
 from selfsight.masking import scaled_mask_patch_size, simmim_mask, upsample_mask
 from selfsight.methods.base import Method, StepOutput
@@ -33,6 +35,37 @@ def masked_l1_loss(target: torch.Tensor, prediction: torch.Tensor, pixel_mask: t
     weight = pixel_mask.unsqueeze(1).to(prediction.dtype)
     error = (target - prediction).abs() * weight
     return error.sum() / (weight.sum() * target.shape[1]).clamp_min(1e-5)
+
+
+@dataclass(frozen=True)
+class MaskedImageView:
+    """SimMIM's one view, a picklable recipe (DataLoader workers build it too): uint8 [B, C, S, S] ->
+    [normalised float32 [B, C, size, size]]: random resized crop, then a random flip when ``hflip``, drawn
+    from the generator in that order. mean, std: float32 [1, C, 1, 1] on the CPU."""
+
+    size: int
+    crop_scale: tuple[float, float]
+    crop_ratio: tuple[float, float]
+    hflip: bool
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator | None,
+                 out: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        with torch.autocast(images.device.type, enabled=False):
+            x = to_float(images)
+            x = random_resized_crop(x, self.size, scale=self.crop_scale, ratio=self.crop_ratio, generator=generator)
+            if self.hflip:
+                x = random_hflip(x, generator=generator)
+            x = normalize(x, self.mean, self.std)
+        if out is None:
+            return [x]
+        out[0].copy_(x)
+        return [out[0]]
+
+    def out_shapes(self, images_shape: Sequence[int]) -> list[tuple[int, ...]]:
+        """The shape of the view of images of shape [B, C, S, S]."""
+        return [(images_shape[0], images_shape[1], self.size, self.size)]
 
 
 @register_method("simmim")
@@ -85,29 +118,29 @@ class SimMIM(Method):
         loss = masked_l1_loss(x.float(), prediction.float(), pixel_mask)
         return loss, prediction, pixel_mask
 
+    def worker_view_maker(self, device: torch.device | str = "cpu") -> MaskedImageView:
+        """The recipe of ``augment`` with the normalisation on ``device`` (the CPU: for DataLoader workers)."""
+        c = self.config
+        mean = self.mean.detach().to(device, torch.float32).clone()
+        std = self.std.detach().to(device, torch.float32).clone()
+        return MaskedImageView(self.backbone.img_size, c.crop_scale, c.crop_ratio, c.hflip, mean, std)
+
     def augment(self, images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """uint8 [B, C, S, S] -> normalised, randomly cropped (and flipped) float [B, C, S, S]."""
-        x = to_float(images)
-        x = random_resized_crop(
-            x,
-            self.backbone.img_size,
-            scale=self.config.crop_scale,
-            ratio=self.config.crop_ratio,
-            generator=generator,
-        )
-        if self.config.hflip:
-            x = random_hflip(x, generator=generator)
-        return normalize(x, self.mean, self.std)
+        return self.worker_view_maker(self.mean.device)(images, generator)[0]
 
-    def views(self, images: torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:
-        """One view: the augmented image (masking is applied on top of it, on the patch grid)."""
+    def views(self, images: torch.Tensor | PreparedViews, generator: torch.Generator) -> list[torch.Tensor]:
+        """One view: the augmented image (masking is applied on top of it, on the patch grid). images:
+        uint8 [B, C, S, S], or the PreparedViews a worker built (see ``Method.views``)."""
+        if isinstance(images, PreparedViews):
+            return images.restore(generator)
         return [self.augment(images, generator)]
 
-    def training_step(self, images: torch.Tensor, generator: torch.Generator) -> StepOutput:
+    def training_step(self, images: torch.Tensor | PreparedViews, generator: torch.Generator) -> StepOutput:
         # Data parallelism needs nothing here: every sample has the same number of masked pixels, so the
         # masked L1 (a sum over masked pixels divided by their count) of a rank's N samples averages over
         # ranks to the global batch's, and DDP's mean of the gradients is the global gradient.
-        x = self.augment(images, generator)
+        x = self.views(images, generator)[0]
         mask = self.make_mask(x.shape[0], generator, x.device)
         loss, _, _ = self(x, mask)
         return StepOutput(loss=loss)
