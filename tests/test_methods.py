@@ -120,6 +120,23 @@ def test_mocov2_momentum_is_constant_and_queue_fills_after_the_step():
     assert int(method.queue.position) == 8
 
 
+@pytest.mark.parametrize("name", ["mocov2", "moby", "dino"])
+def test_skipped_step_leaves_queues_and_centre_alone(name):
+    torch.manual_seed(0)
+    method = make(name)
+    method.training_step(images(seed=1), gen(1))  # its gradients were not finite: the engine skips it
+    method.on_step_skipped()
+    method.training_step(images(), gen()).loss.backward()
+    method.on_step_end(0, 100)
+    torch.manual_seed(0)
+    reference = make(name)  # the same method without the skipped step
+    reference.training_step(images(), gen()).loss.backward()
+    reference.on_step_end(0, 100)
+    for key, value in reference.state_dict().items():
+        if key.startswith(("queue", "center")):
+            assert torch.equal(method.state_dict()[key], value), key
+
+
 def test_moby_two_queues_get_keys_of_their_view():
     method = make("moby")
     method.training_step(images(), gen()).loss.backward()

@@ -210,3 +210,6 @@ class DINO(Method):
             self.center.copy_(update_center(self.center, global_mean, self.config.center_momentum))
         self._pending_teacher.clear()
         self.progress.fill_((step + 1) / total_steps)
+
+    def on_step_skipped(self) -> None:
+        self._pending_teacher.clear()  # a skipped step's teacher outputs do not move the centre

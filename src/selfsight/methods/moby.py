@@ -79,3 +79,6 @@ class MoBY(Method):
             self.queue1.push(keys1)
             self.queue2.push(keys2)
         self._pending_keys.clear()
+
+    def on_step_skipped(self) -> None:
+        self._pending_keys.clear()  # a skipped step's keys never enter the queues

@@ -95,6 +95,9 @@ class MoCoV2(Method):
             self.queue.push(keys)
         self._pending_keys.clear()
 
+    def on_step_skipped(self) -> None:
+        self._pending_keys.clear()  # a skipped step's keys never enter the queue
+
 
 @register_method("mocov3")
 class MoCoV3(Method):
