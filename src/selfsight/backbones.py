@@ -57,6 +57,32 @@ def parse_backbone_opts(items: list[str] | None) -> dict[str, Any]:
     return opts
 
 
+class StridedConvBf16Guard(nn.Conv2d):
+    """``nn.Conv2d`` that computes in fp32 where oneDNN's bf16 weight gradient is wrong.
+
+    Measured with torch 2.14 on an Intel Xeon with AVX-512 BF16/AMX (docs/benchmarks.md): under CPU bf16
+    autocast, a convolution with horizontal stride > 1 and kernel width > 1 on an input one pixel wide
+    (the last stage of a ResNet on 16-32-px images) gets a weight gradient that is wrong in most steps
+    and non-finite in 10-40% of them, in both memory formats. Such inputs are tiny, so computing these
+    calls in fp32 costs nothing measurable; everywhere else this is plain ``nn.Conv2d``. Swapped in by
+    class (``_guard_strided_convs``): parameters, state dict keys and the exported timm model are unchanged.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] == 1 and x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            with torch.autocast("cpu", enabled=False):
+                return super().forward(x.float())
+        return super().forward(x)
+
+
+def _guard_strided_convs(model: nn.Module) -> None:
+    """Give every plain ``nn.Conv2d`` that strides horizontally with a kernel wider than 1 the fp32
+    fallback of ``StridedConvBf16Guard`` (in place)."""
+    for module in model.modules():
+        if type(module) is nn.Conv2d and module.stride[1] > 1 and module.kernel_size[1] > 1:
+            module.__class__ = StridedConvBf16Guard
+
+
 def _family(model: nn.Module) -> str:
     if isinstance(model, VisionTransformer):
         return "vit"
@@ -96,6 +122,7 @@ class Backbone(nn.Module):
                 self.model = timm.create_model(name, pretrained=False, num_classes=0, **self.timm_kwargs)
         except (TypeError, ValueError, AssertionError, RuntimeError) as exc:
             raise ConfigError(f"backbone {name} cannot be built with options {opts}: {exc}") from None
+        _guard_strided_convs(self.model)
         self.name = name
         self.opts = opts
         self.family = _family(self.model)
