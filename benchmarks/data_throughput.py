@@ -9,9 +9,12 @@ For each source size (default 64, 256 and 512 px) a folder of seeded synthetic J
 same output size (``min(source size, 224)`` unless --out-size):
 
 - selfsight: ``open_images(folder, in_memory_limit=0)`` (the lazy path, as for a folder too large for memory),
-  ``BatchStream`` with W workers decoding whole batches (Pillow, JPEG draft mode, centre square resized to the
-  output size), then in the main process the batched views SimCLR's ``training_step`` makes
-  (``make_views`` with ``SimCLR.Config().two_view_specs``: crop, flip, colour jitter, grayscale, blur).
+  ``BatchStream`` with W workers, each decoding a whole batch (Pillow, JPEG draft mode, centre square resized to
+  the output size) and building its batched views as the engine does on the CPU (``worker_views_for``:
+  ``make_views`` with ``SimCLR.Config().two_view_specs`` from the step's generator: crop, flip, colour jitter
+  with the YIQ hue, grayscale, blur); the main process takes them back as SimCLR's ``Method.views`` does
+  (``PreparedViews.restore``). ``--views-in main`` builds the views in the main process instead (the path
+  before 2026-11-28, and still the GPU's).
 - torchvision: ``ImageFolder`` + ``transforms`` per image in the W workers (RandomResizedCrop from the full
   image, flip, ColorJitter(0.8, 0.8, 0.8, 0.2) p 0.8, RandomGrayscale 0.2, GaussianBlur p 0.5 with selfsight's
   kernel size and sigmas, ToTensor, Normalize), twice per image, batched by a DataLoader (shuffled).
@@ -27,6 +30,7 @@ import shlex
 import sys
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +49,7 @@ from torchvision.datasets import ImageFolder
 
 from selfsight.data import BatchStream, open_images
 from selfsight.data.views import ViewSpec, blur_kernel_size, make_views
+from selfsight.data.worker_views import SpecViews, WorkerViews
 from selfsight.engine import step_generator
 from selfsight.methods.simclr import SimCLR
 
@@ -60,12 +65,21 @@ def view_specs(out_size: int) -> list[ViewSpec]:
 # --- selfsight --------------------------------------------------------------------------------------------------
 
 
-def selfsight_batches(folder: Path, out_size: int, batch_size: int, workers: int) -> Iterator[list[torch.Tensor]]:
-    """selfsight's path: lazy folder -> BatchStream (workers decode whole batches) -> batched SimCLR views."""
+def selfsight_batches(folder: Path, out_size: int, batch_size: int, workers: int,
+                      views_in: str = "workers") -> Iterator[list[torch.Tensor]]:
+    """selfsight's path: lazy folder -> BatchStream whose workers decode whole batches and (views_in
+    "workers") build their SimCLR views, or (views_in "main") batched SimCLR views in this process."""
     images = open_images(str(folder), 3, out_size, in_memory_limit=0, progress=False)
     specs = view_specs(out_size)
-    for step, (pixels, _) in enumerate(BatchStream(images, batch_size, SEED, num_workers=workers)):
-        yield make_views(pixels, specs, MEAN, STD, generator=step_generator(SEED, step))
+    if views_in == "main":
+        for step, (pixels, _) in enumerate(BatchStream(images, batch_size, SEED, num_workers=workers)):
+            yield make_views(pixels, specs, MEAN, STD, generator=step_generator(SEED, step))
+        return
+    maker = SpecViews(tuple(specs), torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1))
+    stream = BatchStream(images, batch_size, SEED, num_workers=workers,
+                         views=WorkerViews(maker, partial(step_generator, SEED)))
+    for step, (prepared, _) in enumerate(stream):
+        yield prepared.restore(step_generator(SEED, step))  # what Method.views does with them
 
 
 # --- torchvision ------------------------------------------------------------------------------------------------
@@ -131,15 +145,17 @@ def measure_size(size: int, args: argparse.Namespace) -> dict[str, Any]:
     print(f"[{size} px] {args.images} JPEGs -> two {out_size}-px views each, batch {args.batch_size}, "
           f"{args.workers} workers, {args.warmup} + {timed} batches, {args.rounds} rounds", flush=True)
     runs: dict[str, Callable[[], dict[str, Any]]] = {
-        "selfsight": lambda: time_batches(selfsight_batches(folder, out_size, args.batch_size, args.workers),
-                                          args.batch_size, args.warmup, timed, out_size),
+        "selfsight": lambda: time_batches(
+            selfsight_batches(folder, out_size, args.batch_size, args.workers, args.views_in),
+            args.batch_size, args.warmup, timed, out_size),
         "torchvision": lambda: time_batches(torchvision_batches(folder, out_size, args.batch_size, args.workers),
                                             args.batch_size, args.warmup, timed, out_size),
     }
     measurements = run_rounds(args.rounds, runs, f"{size} px")
     ours, theirs = median_img_per_s(measurements["selfsight"]), median_img_per_s(measurements["torchvision"])
     return {"source_size": size, "out_size": out_size, "images": args.images, "batch_size": args.batch_size,
-            "workers": args.workers, "selfsight_img_per_s": round(ours, 1), "torchvision_img_per_s": round(theirs, 1),
+            "workers": args.workers, "views_in": args.views_in,
+            "selfsight_img_per_s": round(ours, 1), "torchvision_img_per_s": round(theirs, 1),
             "ratio": round(ours / theirs, 3), "measurements": measurements}
 
 
@@ -169,6 +185,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batches", type=int, default=None, help="timed batches (default: one epoch's rest)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads of the main process")
+    parser.add_argument("--views-in", choices=["workers", "main"], default="workers",
+                        help="where selfsight builds the views: in the DataLoader workers (the CPU training "
+                             "path of lazily decoded data) or batched in the main process (the path before)")
     parser.add_argument("--out", default="runs/bench_data_throughput")
     return parser.parse_args(argv)
 

@@ -180,3 +180,25 @@ def test_pretrain_writes_bad_files_met_by_workers_into_run_json(tmp_path, monkey
     data = json.loads((run / "run.json").read_text())["data"]
     assert data["description"].endswith("decoded lazily)")
     assert data["num_skipped"] == 1 and data["skipped"][0]["path"] == bad
+
+
+def test_pretrain_with_worker_views_repeats_the_losses_without_workers(tmp_path, monkeypatch):
+    """The engine end to end: SimMIM on a lazy folder, views (and the masks drawn after them) from two
+    DataLoader workers or from the training process, the same losses bit for bit."""
+    import selfsight.engine as engine
+
+    root = rgb_folder(tmp_path / "rgb", 24)
+    monkeypatch.setattr(engine, "open_images", partial(open_images, in_memory_limit=0))
+    restored: list[int] = []
+    restore = PreparedViews.restore
+    monkeypatch.setattr(PreparedViews, "restore", lambda self, g: restored.append(self.batch) or restore(self, g))
+    runs = {}
+    for workers in (0, 2):
+        run = tmp_path / f"workers{workers}"
+        cfg = build_config(None, None, method="simmim", backbone=TINY_VIT[0], backbone_opts=dict(TINY_VIT[1]),
+                           data=str(root), out=str(run), steps=4, batch_size=8, log_every=1, ckpt_every=100,
+                           device="cpu", num_workers=workers, precision="fp32")
+        pretrain(cfg, progress=False)
+        runs[workers] = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert restored == [0, 1, 2, 3]  # the run with workers trained on their views
+    assert len(runs[0]) == 4 and runs[2] == runs[0]
