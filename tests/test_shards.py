@@ -309,6 +309,32 @@ def test_workers_give_the_same_batches(packed: Path) -> None:
         assert torch.equal(a_pixels, b_pixels) and torch.equal(a_labels, b_labels)
 
 
+def test_workers_build_the_views_the_training_process_would(packed: Path) -> None:
+    """With a WorkerViews, ShardStream's workers yield PreparedViews: the views and the generator state
+    after them equal what the training process draws from the uint8 batch (here rank 1 of 2)."""
+    from functools import partial
+
+    from selfsight.data.views import ViewSpec
+    from selfsight.data.worker_views import PreparedViews, SpecViews, WorkerViews
+    from selfsight.distributed import rank_share_of_draws
+    from selfsight.engine import step_generator
+
+    images = open_packed(packed)
+    maker = SpecViews((ViewSpec(size=6, blur_p=0.5), ViewSpec(size=8, solarize_p=0.5)),
+                      torch.full((1, 3, 1, 1), 0.5), torch.full((1, 3, 1, 1), 0.25))
+    views = WorkerViews(maker, partial(step_generator, 9))
+    arguments = dict(seed=4, start_batch=3, shuffle_buffer=BUFFER, rank=1, world_size=2, views=views)
+    serial = take(ShardStream(images, 16, **arguments), 3)
+    parallel = take(ShardStream(images, 16, num_workers=2, **arguments), 3)
+    for batch, ((pixels, labels), (prepared, worker_labels)) in enumerate(zip(serial, parallel, strict=True), 3):
+        assert isinstance(prepared, PreparedViews) and prepared.batch == batch and prepared.shape == pixels.shape
+        generator = step_generator(9, batch)
+        with rank_share_of_draws(1, 2):
+            expected = maker(pixels, generator)
+        assert all(torch.equal(a, b) for a, b in zip(expected, prepared.restore(step_generator(9, batch))))
+        assert torch.equal(prepared.generator_state, generator.get_state()) and torch.equal(labels, worker_labels)
+
+
 def test_make_batch_stream_picks_the_reader_s_stream(packed: Path, tmp_path: Path) -> None:
     shards = open_packed(packed)
     stream = make_batch_stream(shards, 16, seed=0, rank=1, world_size=2)

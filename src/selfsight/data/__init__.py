@@ -8,17 +8,21 @@ from selfsight.data.imageset import ImageSet, InMemoryImages, LazyFolderImages
 from selfsight.data.loader import BatchStream, epoch_permutation, iterate_in_order
 from selfsight.data.shards import ShardImages, ShardStream, make_batch_stream, open_shards
 from selfsight.data.sources import open_images
+from selfsight.data.worker_views import PreparedViews, WorkerViews, worker_views_for
 
 __all__ = [
     "BatchStream",
     "ImageSet",
     "InMemoryImages",
     "LazyFolderImages",
+    "PreparedViews",
     "ShardImages",
     "ShardStream",
+    "WorkerViews",
     "epoch_permutation",
     "iterate_in_order",
     "make_batch_stream",
     "open_images",
     "open_shards",
+    "worker_views_for",
 ]
