@@ -275,6 +275,8 @@ class Trainer:
             self._write_run_files(mean, std)
         if cfg.compile:
             compile_networks(self.method)
+        # methods with schedules in epochs (DINO's freeze_last_layer_epochs) need the optimiser steps per epoch
+        self.method.steps_per_epoch = self._steps_per_epoch()
         # what fit() calls: method.training_step, inside DistributedDataParallel when there are ranks
         self.step_module, self.ddp = distributed.wrap_training_step(self.method)
 
@@ -291,9 +293,12 @@ class Trainer:
             slow = choice == "bf16" and self.device.type == "cpu" and not cpu_has_native_bf16()
             (log.warning if slow else log.info)("precision %s (%s)", self.cfg.precision, reason)
 
+    def _steps_per_epoch(self) -> int:
+        return max(1, self.images.num_images // (self.cfg.batch_size * self.accum))
+
     def _plan_steps(self) -> int:
         cfg = self.cfg
-        per_epoch = max(1, self.images.num_images // (cfg.batch_size * self.accum))
+        per_epoch = self._steps_per_epoch()
         if cfg.steps is not None:
             return int(cfg.steps)
         if cfg.epochs is not None:
