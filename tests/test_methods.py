@@ -387,3 +387,24 @@ def test_collapse_warning_once_after_warmup(idx_dir, tmp_path, caplog):
         trainer._watch_collapse({"embed_std_norm": COLLAPSE_WARNING / 3})
     warnings = [r for r in caplog.records if "collapsing" in r.getMessage()]
     assert len(warnings) == 1 and "step 5" in warnings[0].getMessage()
+
+
+def test_engine_tells_dino_its_epoch_so_the_last_layer_is_frozen_for_one(idx_dir, tmp_path):
+    """256 images at batch 32: 8 steps an epoch; with the default freeze_last_layer_epochs=1 the last layer of
+    the student head stays as it was for 8 steps, then trains."""
+    cfg = cnn_config(idx_dir, tmp_path / "dino", "dino", steps=10, ckpt_every=100)
+    cfg.method_config.freeze_last_layer_steps = None  # the default: one epoch
+    trainer = Trainer(cfg, progress=False)
+    assert trainer.method.steps_per_epoch == 8 and trainer.method.freeze_steps() == 8
+    last = trainer.method.head.last_layer.parametrizations.weight.original1
+    start = last.detach().clone()
+    seen = []
+    original = trainer.method.on_step_end
+
+    def record(step, total):
+        original(step, total)
+        seen.append(torch.equal(last, start))
+
+    trainer.method.on_step_end = record
+    trainer.fit()
+    assert seen == [True] * 8 + [False] * 2
