@@ -74,6 +74,8 @@ class PretrainConfig:
     precision: str = "auto"
     #: steps in a row with non-finite gradients (each one skipped) after which the run stops
     max_consecutive_skips: int = 10
+    #: jsonl (metrics.jsonl only) or tensorboard (metrics.jsonl and RUN/tensorboard; needs the extra)
+    logger: str = "jsonl"
     #: channels_last memory format; None = on for CNN backbones (about 30% faster on CPU), off otherwise
     channels_last: bool | None = None
     #: DataLoader workers for large image folders (in-memory data needs none)
@@ -102,6 +104,8 @@ class PretrainConfig:
             raise ConfigError("give one budget: steps, epochs or minutes")
         if self.steps is None and self.epochs is None and self.minutes is None:
             self.steps = 1000
+        if self.logger not in ("jsonl", "tensorboard"):
+            raise ConfigError(f"logger must be jsonl or tensorboard, got {self.logger!r}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         for name in (

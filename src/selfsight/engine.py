@@ -47,6 +47,7 @@ from selfsight.checkpoint import (
 from selfsight.config import PretrainConfig, save_config, to_dict
 from selfsight.data import make_batch_stream, open_images
 from selfsight.errors import ConfigError, TrainingError
+from selfsight.loggers import RunLogger
 from selfsight.methods.base import Method
 from selfsight.precision import autocast_context, cpu_has_native_bf16, resolve_precision
 from selfsight.registry import create_method
@@ -468,6 +469,16 @@ class Trainer:
         """DDP's ``no_sync`` for the micro-steps whose gradients are only accumulated (all but the last)."""
         return self.ddp.no_sync() if skip and self.ddp is not None else nullcontext()
 
+    def _log_views(self, logger: RunLogger) -> None:
+        """The grid of the views the method trains on (``RUN/views.png``) as a TensorBoard image at step 0."""
+        from PIL import Image
+
+        from selfsight.preview import write_view_grid
+
+        path = write_view_grid(self.images, self.method, self.cfg.seed, self.run_dir / "views.png")
+        with Image.open(path) as grid:
+            logger.image("views", np.asarray(grid), self.step)
+
     # --- one optimiser step -------------------------------------------------------------------
     def _forward_backward(self, batches: Iterator, autocast: Any) -> tuple[float, dict[str, float]]:
         """Forward and backward over the ``accum`` micro-batches of one step; returns (sum of the micro-batch
@@ -539,13 +550,14 @@ class Trainer:
             dynamic_ncols=True,
             file=sys.stderr,
         )
-        metrics_file = open(self.run_dir / "metrics.jsonl", "a") if self.main else None
+        logger = RunLogger(self.run_dir, cfg.logger) if self.main else None
 
         def write_record(record: dict[str, Any]) -> None:
-            if metrics_file is not None:
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
+            if logger is not None:
+                logger.log(record)
 
+        if logger is not None and logger.wants_images and self.step == 0:
+            self._log_views(logger)
         self.step_module.train()
         window_start, window_steps, start_step = time.perf_counter(), 0, self.step
         last_loss = float("nan")
@@ -619,8 +631,8 @@ class Trainer:
                         self.save()
             finally:
                 bar.close()
-                if metrics_file is not None:
-                    metrics_file.close()
+                if logger is not None:
+                    logger.close()
                 if self.log_handler is not None:
                     log.removeHandler(self.log_handler)
                     self.log_handler.close()

@@ -8,8 +8,9 @@ import torch
 
 from selfsight.backbones import Backbone
 from selfsight.config import PretrainConfig
-from selfsight.data import open_images
+from selfsight.data import ImageSet, open_images
 from selfsight.data.views import save_view_grid
+from selfsight.methods.base import Method
 from selfsight.registry import create_method
 
 
@@ -20,10 +21,17 @@ def preview_views(cfg: PretrainConfig, out: str | Path, num_images: int = 8, pro
     images = open_images(cfg.data, backbone.in_chans, backbone.img_size, progress=progress)
     mean, std = images.mean_std()
     method = create_method(cfg.method, backbone, cfg.method_config, mean, std)
-    generator = torch.Generator().manual_seed(cfg.seed)
+    return write_view_grid(images, method, cfg.seed, out, num_images)
+
+
+@torch.no_grad()
+def write_view_grid(images: ImageSet, method: Method, seed: int, out: str | Path, num_images: int = 8) -> Path:
+    """The PNG grid of ``preview_views`` for a method that exists already (on any device): ``num_images``
+    images of ``images`` drawn with ``seed``, each followed by the method's views of it."""
+    generator = torch.Generator().manual_seed(seed)
     count = min(num_images, images.num_images)
     chosen = torch.randperm(images.num_images, generator=generator)[:count].sort().values
     pixels = images.get_batch(chosen)
-    with torch.no_grad():
-        views = method.views(pixels, generator)
-    return save_view_grid(pixels, views, mean, std, out, max_images=count)
+    views = method.views(pixels.to(method.mean.device), generator)
+    return save_view_grid(pixels, views, method.mean.flatten().tolist(), method.std.flatten().tolist(), out,
+                          max_images=count)
