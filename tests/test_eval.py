@@ -18,11 +18,18 @@ from selfsight.data import InMemoryImages
 from selfsight.errors import ConfigError
 from selfsight.eval import api
 from selfsight.eval.api import EvalConfig, evaluate
+from selfsight.eval.baselines import pixel_features
 from selfsight.eval.features import extract_features
-from selfsight.eval.finetune import Classifier, finetune, layer_decay_param_groups, warmup_cosine
+from selfsight.eval.finetune import (
+    Classifier,
+    finetune,
+    init_head_from_probe,
+    layer_decay_param_groups,
+    warmup_cosine,
+)
 from selfsight.eval.knn import knn_scores, top1
 from selfsight.eval.linear import linear_probe
-from selfsight.eval.splits import few_label_indices
+from selfsight.eval.splits import few_label_indices, validation_split
 
 TINY_VIT = "vit_tiny_patch16_224"
 TINY_OPTS = {"img_size": 16, "patch_size": 4, "in_chans": 1, "embed_dim": 32, "depth": 2, "num_heads": 2}
@@ -270,7 +277,10 @@ def test_finetune_through_api_from_scratch(fake_data, tmp_path):
                      device="cpu", out=str(tmp_path))
     record = evaluate(cfg)
     assert (tmp_path / "eval_finetune_scratch_8.json").is_file()
-    assert record["hparams"]["layer_decay"] == 0.75 and record["steps"] == 4 and len(record["train_loss"]) == 2
+    # scratch: no layer decay, a zero head (nothing pre-trained to preserve); the default 3 draws, tuned
+    assert record["hparams"]["layer_decay"] == 1.0 and record["hparams"]["head_init"] == "zero"
+    assert record["steps"] == 4 and len(record["train_loss"]) == 2
+    assert record["draws"] == 3 and record["tuned"] and len(record["per_draw"][0]["tuning"]) == 3
 
 
 @pytest.mark.parametrize(
@@ -334,3 +344,146 @@ def test_scratch_copies_the_runs_architecture(fake_data, tmp_path):
     record = evaluate(cfg)
     assert record["backbone"] == TINY_VIT and record["backbone_opts"]["embed_dim"] == 32
     assert (tmp_path / "eval_knn_scratch_32.json").is_file()  # written into the run dir
+
+
+# --- draws, validation split, tuning ------------------------------------------------------------
+def test_validation_split_is_a_disjoint_class_balanced_part_of_the_labeled_subset():
+    labels = torch.arange(5).repeat(40)  # 200 training images, 5 classes
+    subset = few_label_indices(labels, labels_per_class=10, seed=3)
+    fit, val = validation_split(labels, subset, fraction=0.2, seed=3)
+    assert set(fit.tolist()).isdisjoint(val.tolist())
+    assert sorted(fit.tolist() + val.tolist()) == subset.tolist()  # nothing outside the labeled subset
+    assert torch.bincount(labels[val]).tolist() == [2] * 5
+    assert torch.equal(val, validation_split(labels, subset, fraction=0.2, seed=3)[1])
+    tiny_fit, tiny_val = validation_split(labels, few_label_indices(labels, labels_per_class=2), 0.5)
+    assert tiny_fit.numel() == tiny_val.numel() == 5  # one of two per class held out, never both
+    with pytest.raises(ConfigError):
+        validation_split(labels, subset, fraction=1.0)
+
+
+def test_tuning_never_reads_the_test_set(fake_data, fake_run, tmp_path, monkeypatch):
+    """Every tuning fine-tune trains on the fit part and scores the validation part of the training set."""
+    calls = []
+    real = api.finetune
+
+    def spy(backbone, train_images, train_indices, test_images, *args, test_indices=None, **kwargs):
+        calls.append((train_images, train_indices.clone(), test_images,
+                      None if test_indices is None else test_indices.clone()))
+        return real(backbone, train_images, train_indices, test_images, *args, test_indices=test_indices, **kwargs)
+
+    monkeypatch.setattr(api, "finetune", spy)
+    cfg = EvalConfig(kind="finetune", run=str(tmp_path), train_data="train", test_data="test",
+                     labels_per_class=4, epochs=1, batch_size=8, draws=2, tune=True, device="cpu", progress=False)
+    record = evaluate(cfg)
+    train, test = fake_data["train"], fake_data["test"]
+    assert len(calls) == 2 * (len(api.LR_FACTORS) + 1)
+    for draw in range(2):
+        subset = set(few_label_indices(train.labels, labels_per_class=4, seed=draw).tolist())
+        trials, final = calls[4 * draw : 4 * draw + 3], calls[4 * draw + 3]
+        for train_images, fit, scored, val in trials:
+            assert train_images is train and scored is train and scored is not test
+            assert set(fit.tolist()).isdisjoint(val.tolist())
+            assert set(fit.tolist()) | set(val.tolist()) == subset
+        assert final[2] is test and final[3] is None and set(final[1].tolist()) == subset
+        assert record["per_draw"][draw]["hparams"]["lr"] in [t["lr"] for t in record["per_draw"][draw]["tuning"]]
+    lrs = [t["lr"] for t in record["per_draw"][0]["tuning"]]
+    assert lrs == pytest.approx([f * api.FINETUNE_DEFAULTS["lr"] for f in api.LR_FACTORS])
+
+
+def test_draws_are_reproducible_distinct_and_summarised(fake_data, tmp_path):
+    cfg = EvalConfig(kind="linear", init="pixels", backbone=TINY_VIT, backbone_opts=TINY_OPTS,
+                     train_data="train", test_data="test", labels_per_class=3, draws=4, seed=5,
+                     device="cpu", out=str(tmp_path), progress=False)
+    subsets, seeds, tune = api.plan_draws(cfg, fake_data["train"].labels)
+    assert seeds == [5, 6, 7, 8] and tune  # 12 labels: few, so tuned by default
+    assert len({tuple(s.tolist()) for s in subsets}) == 4  # four different labeled subsets
+    again, _, _ = api.plan_draws(cfg, fake_data["train"].labels)
+    assert all(torch.equal(a, b) for a, b in zip(subsets, again))
+    record = evaluate(cfg)
+    saved = json.loads((tmp_path / "eval_linear_pixels_12.json").read_text())
+    assert saved["top1_draws"] == record["top1_draws"] == [d["top1"] for d in saved["per_draw"]]
+    assert saved["seeds"] == [5, 6, 7, 8] and saved["draws"] == 4
+    assert saved["top1"] == pytest.approx(float(np.mean(saved["top1_draws"])), abs=1e-12)
+    assert saved["top1_std"] == pytest.approx(float(np.std(saved["top1_draws"], ddof=1)), abs=1e-12)
+    assert evaluate(cfg)["top1_draws"] == record["top1_draws"]
+
+
+def test_summarize_single_and_several():
+    assert api.summarize([0.5]) == {"mean": 0.5, "std": 0.0}
+    got = api.summarize([0.7, 0.8, 0.9])
+    assert got["mean"] == pytest.approx(0.8) and got["std"] == pytest.approx(0.1)
+
+
+# --- raw-pixel baselines ------------------------------------------------------------------------
+def reference_logistic_regression(x, y, num_classes, weight_decay, steps=20000, lr=0.5):
+    """Independent reference: full-batch gradient descent in float64 numpy on the same objective
+    (mean cross-entropy + wd/2 ||W||^2, bias not decayed) over features standardised by hand."""
+    x = (x - x.mean(0)) / np.maximum(x.std(0), 1e-6)
+    w, b = np.zeros((num_classes, x.shape[1])), np.zeros(num_classes)
+    onehot = np.eye(num_classes)[y]
+    for _ in range(steps):
+        logits = x @ w.T + b
+        p = np.exp(logits - logits.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        grad = (p - onehot) / len(x)
+        w -= lr * (grad.T @ x + weight_decay * w)
+        b -= lr * grad.sum(0)
+    return p
+
+
+def test_pixel_logistic_regression_matches_an_independent_implementation():
+    images = tiny_images(per_class=5, num_classes=3, seed=4)
+    feats, labels = pixel_features(images, progress=False)
+    assert feats.shape == (15, 256) and float(feats.max()) <= 1.0
+    probe = linear_probe(feats, labels, feats, labels, num_classes=3, weight_decay=0.1).classifier
+    with torch.no_grad():
+        got = torch.softmax(probe(feats), dim=1).double().numpy()
+    want = reference_logistic_regression(feats.double().numpy(), labels.numpy(), 3, 0.1)
+    np.testing.assert_allclose(got, want, atol=2e-3)
+
+
+def test_pixel_knn_through_api_equals_knn_on_flattened_pixels(fake_data, tmp_path):
+    cfg = EvalConfig(kind="knn", init="pixels", backbone=TINY_VIT, backbone_opts=TINY_OPTS, k=3,
+                     train_data="train", test_data="test", labels_per_class=2, draws=1, device="cpu",
+                     out=str(tmp_path), progress=False)
+    record = evaluate(cfg)
+    train, test = fake_data["train"], fake_data["test"]
+    indices = few_label_indices(train.labels, labels_per_class=2, seed=0)
+    flat = lambda px: px.float().flatten(1) / 255
+    scores = knn_scores(flat(train.pixels[indices]), train.labels[indices], flat(test.pixels), 4, k=3)
+    assert record["top1"] == top1(scores, test.labels) and record["backbone"] == "pixels"
+    assert not record["tuned"] or record["hparams"]["k"] == 3
+    with pytest.raises(ConfigError, match="pixels"):
+        evaluate(EvalConfig(kind="finetune", init="pixels", backbone=TINY_VIT, train_data="train",
+                            test_data="test"))
+
+
+# --- LP-FT --------------------------------------------------------------------------------------
+def test_probe_head_reproduces_the_linear_probe():
+    """The head set from the probe gives the probe's logits on the frozen features (standardisation folded)."""
+    classifier = Classifier(tiny_backbone(), num_classes=4)
+    images = tiny_images(per_class=6)
+    indices = torch.arange(images.num_images)
+    accuracy = init_head_from_probe(classifier, images, indices, [0.4], [0.3], weight_decay=0.01)
+    feats, labels = extract_features(classifier.backbone, images, [0.4], [0.3], progress=False)
+    probe = linear_probe(feats, labels, feats, labels, num_classes=4, weight_decay=0.01)
+    with torch.no_grad():
+        torch.testing.assert_close(classifier.head(feats), probe.classifier(feats), rtol=1e-3, atol=1e-3)
+    assert accuracy == pytest.approx(probe.top1)
+
+
+def test_lp_ft_starts_from_the_probe_loss(monkeypatch):
+    """With head_init='probe' the first steps' loss is the probe's (low), not log(C) as with a zero head."""
+    import importlib
+
+    from selfsight.eval.features import pixels_to_input
+
+    # no augmentation: a random tiny ViT's features are not invariant to flips and crops
+    module = importlib.import_module("selfsight.eval.finetune")  # the package re-exports a function of that name
+    monkeypatch.setattr(module, "augment_batch", lambda px, mean, std, scale, gen: pixels_to_input(px, mean, std))
+    train, test = tiny_images(seed=0), tiny_images(per_class=2, seed=1)
+    options = dict(epochs=1, batch_size=32, warmup_epochs=1, lr=1e-4, progress=False, crop_scale=(1.0, 1.0))
+    zero = finetune(tiny_backbone(), train, torch.arange(32), test, [0.4], [0.3], 4, head_init="zero", **options)
+    probe = finetune(tiny_backbone(), train, torch.arange(32), test, [0.4], [0.3], 4, head_init="probe", **options)
+    assert zero.train_loss[0] == pytest.approx(math.log(4), abs=0.05)
+    assert probe.train_loss[0] < zero.train_loss[0] - 0.3

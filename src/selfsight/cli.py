@@ -68,14 +68,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="any config option: lr=1e-3, optim.warmup_fraction=0.1, mask_ratio=0.5",
     )
 
-    e = sub.add_parser("eval", help="k-NN, linear probe or fine-tuning with few labels")
-    e.add_argument("kind", choices=["knn", "linear", "finetune"])
+    e = sub.add_parser(
+        "eval", help="k-NN, linear probe or fine-tuning with few labels; compare: all of them and every baseline"
+    )
+    e.add_argument("kind", choices=["knn", "linear", "finetune", "compare"])
     e.add_argument("--run", help="pre-trained run directory")
     e.add_argument(
         "--init",
-        choices=["pretrained", "scratch"],
+        choices=["pretrained", "scratch", "pixels"],
         default="pretrained",
-        help="scratch: the same protocol from random weights (needs --backbone)",
+        help="scratch: the same protocol from random weights (--backbone or the run's); "
+        "pixels: knn/linear on the resized raw pixels",
     )
     _add_backbone_args(e, "for --init scratch")
     e.add_argument("--train-data", help="labeled training data (default: Fashion-MNIST train)")
@@ -83,18 +86,25 @@ def build_parser() -> argparse.ArgumentParser:
     few = e.add_mutually_exclusive_group()
     few.add_argument("--labels-per-class", type=int, help="use N labeled images per class (fixed seed)")
     few.add_argument("--label-fraction", type=float, help="use this fraction of the labels (fixed seed)")
+    e.add_argument("--draws", type=int, help="labeled subsets drawn (seeds SEED, SEED+1, ...; default 3 below "
+                   "5,000 labels, else 1); each value, the mean and the std are reported")
+    e.add_argument("--tune", action=argparse.BooleanOptionalAction, default=None,
+                   help="choose lr (finetune), L2 penalty (linear) or k (knn) on a validation split of the "
+                   "labeled subset, then retrain on all of it (default: on below 5,000 labels)")
     e.add_argument("--layer", type=int, default=-1, help="block/stage to read features from (knn, linear)")
     e.add_argument("--pool", default="avg", choices=["avg", "cls", "default"], help="feature pooling")
-    e.add_argument("--k", type=int, default=20, help="neighbours for knn")
+    e.add_argument("--k", type=int, help="neighbours for knn (default 20, or tuned)")
     e.add_argument("--temperature", type=float, default=0.07, help="knn vote temperature")
     e.add_argument("--epochs", type=int, help="finetune epochs (default 50)")
-    e.add_argument("--lr", type=float, help="finetune learning rate (default 1e-3)")
+    e.add_argument("--lr", type=float, help="finetune learning rate (default 3e-4 pre-trained, 1e-3 scratch; "
+                   "or tuned)")
     e.add_argument("--weight-decay", type=float, help="finetune AdamW decay (0.05) / linear L2 penalty (1e-4)")
-    e.add_argument("--layer-decay", type=float, help="finetune layer-wise lr decay")
+    e.add_argument("--layer-decay", type=float, help="finetune layer-wise lr decay (0.75 pre-trained, 1 scratch)")
     e.add_argument("--batch-size", type=int)
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--device", default="auto")
     e.add_argument("--out", help="where to write the result JSON (default: the run directory)")
+    e.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     x = sub.add_parser("export", help="write model.safetensors + config.json that timm loads")
     x.add_argument("run", help="run directory")
@@ -187,14 +197,17 @@ def _eval(args: argparse.Namespace) -> int:
     from selfsight.config import DEFAULT_DATA, DEFAULT_TEST_DATA
     from selfsight.eval.api import EvalConfig, evaluate
 
+    train_data, test_data = args.train_data or DEFAULT_DATA, args.test_data or DEFAULT_TEST_DATA
+    if args.kind == "compare":
+        return _eval_compare(args, train_data, test_data)
     cfg = EvalConfig(
         kind=args.kind,
         run=args.run,
         init=args.init,
         backbone=args.backbone,
         backbone_opts=parse_backbone_opts(args.backbone_opt),
-        train_data=args.train_data or DEFAULT_DATA,
-        test_data=args.test_data or DEFAULT_TEST_DATA,
+        train_data=train_data,
+        test_data=test_data,
         labels_per_class=args.labels_per_class,
         label_fraction=args.label_fraction,
         layer=args.layer,
@@ -209,8 +222,29 @@ def _eval(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=args.device,
         out=args.out,
+        draws=args.draws,
+        tune=args.tune,
+        progress=not args.no_progress,
     )
     evaluate(cfg)
+    return 0
+
+
+def _eval_compare(args: argparse.Namespace, train_data: str, test_data: str) -> int:
+    from selfsight.errors import ConfigError
+    from selfsight.eval.compare import CompareConfig, compare
+
+    if not args.run:
+        raise ConfigError("eval compare needs --run (a pre-training run directory)")
+    ignored = [f"--{name.replace('_', '-')}" for name in ("backbone", "lr", "k", "weight_decay", "layer_decay",
+                                                          "batch_size") if getattr(args, name) is not None]
+    ignored += ["--init"] if args.init != "pretrained" else []
+    if ignored:
+        raise ConfigError(f"{', '.join(ignored)} do not apply to eval compare (every row uses its protocol)")
+    compare(CompareConfig(run=args.run, train_data=train_data, test_data=test_data,
+                          labels_per_class=args.labels_per_class, label_fraction=args.label_fraction,
+                          draws=args.draws, tune=args.tune, epochs=args.epochs, seed=args.seed,
+                          device=args.device, out=args.out, progress=not args.no_progress))
     return 0
 
 

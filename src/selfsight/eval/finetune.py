@@ -3,6 +3,12 @@
 The recipe follows the BEiT/MAE fine-tuning protocol, shrunk for small data: AdamW, linear
 warmup then cosine decay per step, layer-wise learning-rate decay (timm's
 ``param_groups_layer_decay``), label smoothing, and batched random-resized-crop + flip on tensors.
+
+A pre-trained backbone is fine-tuned "linear probe, then fine-tune" (LP-FT, Kumar et al. 2022):
+the head starts as an L2-regularised logistic regression fit on the frozen features of the
+labeled images (``head_init='probe'``), so the first steps do not send a random head's large
+gradients into the pre-trained features. A scratch backbone has no features worth keeping: its
+head starts at zero and every layer gets the same learning rate (``SCRATCH_DEFAULTS``).
 Deterministic for a seed on the CPU; the global RNG state is left as it was.
 """
 
@@ -24,16 +30,24 @@ from selfsight.data.augment import normalize, random_hflip, random_resized_crop,
 from selfsight.errors import ConfigError, TrainingError
 from selfsight.eval.features import pixels_to_input
 
+#: the pre-trained recipe (LP-FT); see docs/evaluation.md and docs/benchmarks.md for the measurements
 FINETUNE_DEFAULTS = {
     "epochs": 50,
-    "lr": 1e-3,
+    "lr": 3e-4,
     "layer_decay": 0.75,
     "weight_decay": 0.05,
     "batch_size": 64,
     "warmup_epochs": 5,
     "label_smoothing": 0.1,
     "crop_scale": (0.85, 1.0),  # measured: 0.5-1 lost 6 points on 28-px Fashion-MNIST (docs/benchmarks.md)
+    "head_init": "probe",
+    "probe_weight_decay": 1e-2,
 }
+#: random weights: a zero head, one learning rate for every layer (nothing to preserve), a higher lr
+SCRATCH_DEFAULTS = {**FINETUNE_DEFAULTS, "lr": 1e-3, "layer_decay": 1.0, "head_init": "zero"}
+#: the recipe before LP-FT (2026-11-23), kept to reproduce the old numbers
+OLD_DEFAULTS = {**FINETUNE_DEFAULTS, "lr": 1e-3, "layer_decay": 0.75, "head_init": "zero"}
+HEAD_INITS = ("zero", "probe")
 
 
 class Classifier(nn.Module):
@@ -50,13 +64,63 @@ class Classifier(nn.Module):
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, C, H, W] -> the features the head reads, [B, num_features]."""
+        if self.backbone.family in ("vit", "swin"):
+            return self.backbone.features(x, layer=-1, pool="avg")
+        return self.backbone(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, C, H, W] -> logits [B, num_classes]."""
-        if self.backbone.family in ("vit", "swin"):
-            feats = self.backbone.features(x, layer=-1, pool="avg")
-        else:
-            feats = self.backbone(x)
-        return self.head(feats)
+        return self.head(self.features(x))
+
+
+@torch.no_grad()
+def init_head_from_probe(
+    classifier: Classifier,
+    images: ImageSet,
+    indices: torch.Tensor,
+    mean: Sequence[float],
+    std: Sequence[float],
+    weight_decay: float,
+    *,
+    label_smoothing: float = 0.0,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+) -> float:
+    """Set ``classifier.head`` to a linear probe fit on the frozen features of ``indices`` (LP-FT's LP).
+
+    The probe minimises the fine-tuning loss (cross-entropy with ``label_smoothing``) plus
+    ``weight_decay / 2 * ||W||^2``, so fine-tuning starts at its optimum for the frozen features rather
+    than at an over-confident head that label smoothing would pull hard on.
+    The features are read in eval mode without augmentation; the probe standardises them
+    (``W (f - m) / s + b``), which is folded into the head: ``W' = W / s``, ``b' = b - W' m``.
+
+    Args:
+        indices: LongTensor [N] of labeled images of ``images``.
+    Returns:
+        the probe's accuracy on those same images (a fraction).
+    """
+    from selfsight.eval.linear import fit_linear_probe
+
+    was_training = classifier.training
+    classifier.eval()
+    chunks, label_chunks = [], []
+    try:
+        for start in range(0, indices.numel(), batch_size):
+            pixels, sources = images.load_batch(indices[start : start + batch_size])
+            chunks.append(classifier.features(pixels_to_input(pixels, mean, std, device)).float().cpu())
+            label_chunks.append(images.batch_labels(sources))
+    finally:
+        classifier.train(was_training)
+    feats, labels = torch.cat(chunks), torch.cat(label_chunks).long()
+    probe, _, _ = fit_linear_probe(feats, labels, classifier.head.out_features, weight_decay=weight_decay,
+                                   label_smoothing=label_smoothing)
+    weight = probe.linear.weight / probe.std  # [C, D]
+    bias = probe.linear.bias - weight @ probe.mean
+    classifier.head.weight.copy_(weight.to(classifier.head.weight))
+    classifier.head.bias.copy_(bias.to(classifier.head.bias))
+    return float((probe(feats).argmax(dim=1) == labels).float().mean())
 
 
 def layer_decay_param_groups(
@@ -126,22 +190,24 @@ def classifier_top1(
     *,
     batch_size: int = 256,
     device: str | torch.device = "cpu",
+    indices: torch.Tensor | None = None,
 ) -> float:
-    """Top-1 accuracy (fraction) of ``classifier`` over every labeled image of ``images``, in eval mode."""
+    """Top-1 accuracy (fraction) of ``classifier`` over ``indices`` (LongTensor [M]; default every
+    image) of the labeled ``images``, in eval mode."""
     if images.labels is None:
         raise ConfigError(f"{images.description} has no labels to score against")
+    indices = torch.arange(images.num_images) if indices is None else torch.as_tensor(indices).long()
     was_training = classifier.training
     classifier.eval()
     correct = 0
     try:
-        for start in range(0, images.num_images, batch_size):
-            batch = torch.arange(start, min(start + batch_size, images.num_images))
-            pixels, sources = images.load_batch(batch)
+        for start in range(0, indices.numel(), batch_size):
+            pixels, sources = images.load_batch(indices[start : start + batch_size])
             logits = classifier(pixels_to_input(pixels, mean, std, device))
             correct += int((logits.argmax(dim=1).cpu() == images.batch_labels(sources)).sum())
     finally:
         classifier.train(was_training)
-    return correct / max(1, images.num_images)
+    return correct / max(1, indices.numel())
 
 
 @dataclass
@@ -171,20 +237,27 @@ def finetune(
     warmup_epochs: float = FINETUNE_DEFAULTS["warmup_epochs"],
     label_smoothing: float = FINETUNE_DEFAULTS["label_smoothing"],
     crop_scale: tuple[float, float] = FINETUNE_DEFAULTS["crop_scale"],
+    head_init: str = FINETUNE_DEFAULTS["head_init"],
+    probe_weight_decay: float = FINETUNE_DEFAULTS["probe_weight_decay"],
     seed: int = 0,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    test_indices: torch.Tensor | None = None,
 ) -> FinetuneResult:
     """Fine-tune ``backbone`` (in place) and a new head on ``train_indices`` of ``train_images``.
 
     The run lasts ``ceil(epochs * len(train_indices) / batch_size)`` steps of ``batch_size`` images;
-    each group's LR is ``lr * lr_scale * warmup_cosine(step)``.
+    each group's LR is ``lr * lr_scale * warmup_cosine(step)``. ``head_init='probe'`` first fits the
+    head on the frozen features (:func:`init_head_from_probe`, L2 penalty ``probe_weight_decay``);
+    ``'zero'`` starts it at zero.
 
     Args:
         train_indices: LongTensor [N] of the labeled images used.
+        test_indices: LongTensor [M] of the images of ``test_images`` to score (a validation split
+            of the training set when tuning); default every image.
         mean, std: per-channel normalisation in [0, 1] units.
     Returns:
-        a :class:`FinetuneResult` scored on every image of ``test_images``.
+        a :class:`FinetuneResult` scored on ``test_indices`` of ``test_images``.
     """
     train_indices = torch.as_tensor(train_indices).long()
     num_items = train_indices.numel()
@@ -196,12 +269,17 @@ def finetune(
         raise ConfigError(f"layer_decay must be in (0, 1], got {layer_decay}")
     if train_images.labels is None:
         raise ConfigError(f"{train_images.description} has no labels to fine-tune on")
+    if head_init not in HEAD_INITS:
+        raise ConfigError(f"unknown head_init {head_init!r}; choose from {', '.join(HEAD_INITS)}")
     steps_per_epoch = num_items / batch_size
     total_steps = math.ceil(epochs * steps_per_epoch)
     warmup_steps = min(total_steps, round(warmup_epochs * steps_per_epoch))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # dropout / drop-path draws
         classifier = Classifier(backbone, num_classes).to(device)
+        if head_init == "probe":
+            init_head_from_probe(classifier, train_images, train_indices, mean, std, probe_weight_decay,
+                                 label_smoothing=label_smoothing, device=device)
         optimizer = torch.optim.AdamW(layer_decay_param_groups(classifier, weight_decay, layer_decay), lr=lr)
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
@@ -230,5 +308,5 @@ def finetune(
     per_epoch = max(1, round(steps_per_epoch))
     chunks = [losses[i : i + per_epoch] for i in range(0, total_steps, per_epoch)]
     curve = [sum(chunk) / len(chunk) for chunk in chunks]
-    top1 = classifier_top1(classifier, test_images, mean, std, device=device)
+    top1 = classifier_top1(classifier, test_images, mean, std, device=device, indices=test_indices)
     return FinetuneResult(top1=top1, train_loss=curve, steps=total_steps, classifier=classifier)

@@ -57,11 +57,13 @@ def fit_linear_probe(
     *,
     weight_decay: float = LINEAR_DEFAULTS["weight_decay"],
     max_iter: int = LINEAR_DEFAULTS["max_iter"],
+    label_smoothing: float = 0.0,
 ) -> tuple[StandardizedLinear, float, int]:
     """Minimise ``mean CE(W z + b, y) + weight_decay / 2 * ||W||^2`` with L-BFGS (strong Wolfe).
 
     ``z`` are the features standardised with the training mean/std; the bias is not decayed.
-    Deterministic: full batch, zero initialisation.
+    ``label_smoothing`` smooths the targets of CE as ``F.cross_entropy`` does (LP-FT fits the head
+    with the fine-tuning loss). Deterministic: full batch, zero initialisation.
 
     Args:
         train_feats: [N, D]; train_labels: LongTensor [N] in ``[0, num_classes)``.
@@ -84,7 +86,7 @@ def fit_linear_probe(
     )
 
     def regularized_loss() -> torch.Tensor:
-        loss = F.cross_entropy(probe.linear(standardized), labels)
+        loss = F.cross_entropy(probe.linear(standardized), labels, label_smoothing=label_smoothing)
         return loss + 0.5 * weight_decay * probe.linear.weight.square().sum()
 
     def closure() -> torch.Tensor:

@@ -55,3 +55,50 @@ def few_label_indices(
     if not chosen:
         return torch.zeros(0, dtype=torch.long)
     return torch.sort(torch.cat(chosen)).values
+
+
+def draw_seeds(seed: int, draws: int) -> list[int]:
+    """The seeds of ``draws`` labeled subsets: ``seed, seed + 1, ...`` (draw 0 is the single-draw subset)."""
+    if draws < 1:
+        raise ConfigError(f"draws must be at least 1, got {draws}")
+    return [seed + i for i in range(draws)]
+
+
+def validation_split(
+    labels: torch.Tensor, indices: torch.Tensor, fraction: float = 0.2, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split a labeled subset into (fit, validation) parts, class by class; the test set is never read.
+
+    Each class of ``labels[indices]`` puts ``max(1, round(fraction * count))`` of its members (but never
+    all of them when it has two or more) into the validation part, chosen by a seeded permutation.
+
+    Args:
+        labels: class ids of the whole training set, LongTensor [N].
+        indices: the labeled subset, LongTensor [M] of indices into ``labels``.
+        fraction: share of each class held out, in (0, 1).
+        seed: seed of the permutations.
+    Returns:
+        (fit, validation): two sorted, disjoint LongTensors whose union is ``indices``.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ConfigError(f"validation fraction must be in (0, 1), got {fraction}")
+    indices = torch.as_tensor(indices).long().reshape(-1)
+    subset_labels = torch.as_tensor(labels).long()[indices]
+    generator = torch.Generator().manual_seed(seed)
+    fit, held = [], []
+    for cls in torch.unique(subset_labels).tolist():
+        members = indices[subset_labels == cls]
+        order = members[torch.randperm(members.numel(), generator=generator)]
+        count = max(1, round(fraction * members.numel()))
+        if members.numel() >= 2:
+            count = min(count, members.numel() - 1)
+        else:
+            count = 0  # a lone image trains; its class is then missing from the validation part
+        held.append(order[:count])
+        fit.append(order[count:])
+    empty = torch.zeros(0, dtype=torch.long)
+    fit_all = torch.sort(torch.cat(fit)).values if fit else empty
+    held_all = torch.sort(torch.cat(held)).values if held else empty
+    if held_all.numel() == 0:
+        raise ConfigError("the labeled subset is too small for a validation split (need 2+ images in a class)")
+    return fit_all, held_all
