@@ -14,7 +14,10 @@ Image identity: ``training_step(images, generator)`` reads the data-set indices 
 from ``self.batch_indices`` (int64 [B]), which the engine sets before every micro-step; the step
 consumes it, so a batch without indices is refused instead of silently trained on stale labels. The
 number of images (the classifier's rows) is ``Config.num_images``, filled in by the engine from the
-data set (or given). The sliding-window data scheduler is ``selfsight.data.windows``.
+data set (or given). The sliding-window data scheduler is ``selfsight.data.windows``; ``batch_indexer``
+gives the data stream the order PIC wants (window 131,072 images, stride 16,384: each image comes back in
+8 consecutive windows, so its classifier row is updated often). The official sampler's modulus is the
+window size, so its window never slides (see ``selfsight.data.windows``); this one slides as the paper says.
 
 Memory: the classifier costs 16 N D bytes in training (weights, gradient, AdamW's two moments), and the
 logits 4 N bytes per view in each of their forward and backward tensors. Both are logged when the method
@@ -38,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from selfsight.backbones import Backbone
+from selfsight.data.windows import WindowBatchIndexer
 from selfsight.errors import ConfigError, TrainingError
 from selfsight.heads import MLPHead
 from selfsight.methods.base import Method, StepOutput
@@ -96,7 +100,10 @@ class PIC(Method):
         num_images: int | None = None
         #: refuse a classifier whose training state (16 N D bytes) exceeds this many GiB
         max_classifier_gib: float = 16.0
-        #: the sliding-window scheduler's window W and stride S in images (paper: 131,072 and 16,384)
+        #: train in the sliding-window order (``batch_indexer``); false: the engine's epoch order
+        sliding_window: bool = True
+        #: the sliding-window scheduler's window W and stride S in images (paper: 131,072 and 16,384;
+        #: both are cut to the data set's size on smaller sets)
         window_size: int = 131072
         window_stride: int = 16384
 
@@ -136,6 +143,19 @@ class PIC(Method):
         large_spec = c.view_spec(0, size, backbone.in_chans)
         small_spec = c.view_spec(1, small, backbone.in_chans, crop_scale=c.small_crop_scale)
         self.view_specs = [large_spec] * c.num_large_crops + [small_spec] * c.num_small_crops
+
+    def batch_indexer(
+        self, num_images: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1
+    ) -> WindowBatchIndexer | None:
+        """The order the training data should come in: the sliding-window scheduler over ``num_images``
+        images (``batch_size`` per rank), or None for the engine's usual epochs (``sliding_window=false``).
+        A window or stride larger than the data set is cut to its size."""
+        c = self.config
+        if not c.sliding_window:
+            return None
+        window = min(c.window_size, num_images)
+        stride = min(c.window_stride, window)
+        return WindowBatchIndexer(num_images, batch_size, seed, window, stride, rank, world_size)
 
     def _take_indices(self, batch: int, device: torch.device) -> torch.Tensor:
         """The labels of this step's images (int64 [B]), taken from ``batch_indices`` (then cleared)."""
