@@ -235,13 +235,19 @@ def _opts_from_json(opts: dict[str, Any]) -> dict[str, Any]:
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
-    """Write ``model.safetensors`` (the timm model's state dict) and a timm-style ``config.json``.
+    """Write ``model.safetensors`` (the timm model's state dict), a timm-style ``config.json`` and a model
+    card, ``README.md`` (``selfsight.modelcard``: method, backbone, data, budget, the run's evaluations,
+    how to load it, the normalisation).
 
     Load it with::
 
         timm.create_model(name, pretrained=True, num_classes=0, **model_args,
                           pretrained_cfg_overlay=dict(file="DIR/model.safetensors"))
+
+    Returns weights, config and card (paths), architecture, model_args and tensors (the count).
     """
+    from selfsight.modelcard import write_model_card
+
     backbone, info = load_run_backbone(run_dir)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -265,9 +271,11 @@ def export_run(run_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
         "selfsight": {"method": info["method"], "run": str(Path(run_dir).resolve()), "step": info["step"]},
     }
     (out / "config.json").write_text(json.dumps(config, indent=2))
+    card = write_model_card(run_dir, out, config)
     return {
         "weights": str(weights),
         "config": str(out / "config.json"),
+        "card": str(card),
         "architecture": backbone.name,
         "model_args": model_args,
         "tensors": len(tensors),

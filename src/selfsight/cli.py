@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
+from selfsight import __version__
 from selfsight.cli_data import add_data_parser, run_data_command
 from selfsight.errors import SelfsightError
 
@@ -29,18 +29,27 @@ def build_parser() -> argparse.ArgumentParser:
         prog="selfsight", description="Self-supervised pre-training of timm backbones.", epilog=EPILOG
     )
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("pretrain", help="pre-train a backbone on unlabeled images")
-    p.add_argument("--method", help="pre-training method (default simmim); see `selfsight methods`")
-    _add_backbone_args(p, "default: a 1.2M-parameter ViT for 28-px gray images")
+    p = sub.add_parser(
+        "pretrain", help="pre-train a backbone on unlabeled images",
+        description="Pre-train a backbone on unlabeled images. With --data and no --backbone/--backbone-opt "
+        "(nor --config, --resume), the options you do not give are chosen from the images and the device "
+        "(channels, input size, method, backbone, batch size, budget) and printed at start.",
+    )
+    p.add_argument("--method", help="pre-training method (default: simclr with --data, else simmim); "
+                   "see `selfsight methods`")
+    _add_backbone_args(p, "default with --data: chosen from the images and the device; "
+                       "without: a 1.2M-parameter ViT for 28-px gray images")
     p.add_argument(
         "--data",
         help="image folder, IDX folder[:train|:test] or CIFAR folder[:train|:test] (default: Debian's Fashion-MNIST)",
     )
     p.add_argument("--out", help="run directory (default runs/pretrain)")
     budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--steps", type=int, help="optimiser steps (default 1000)")
+    budget.add_argument("--steps", type=int, help="optimiser steps (default 1000; with --data, a minutes "
+                        "budget from the data size)")
     budget.add_argument("--epochs", type=float, help="passes over the data")
     budget.add_argument("--minutes", type=float, help="wall-clock budget; steps are planned from a timed step")
     p.add_argument("--batch-size", type=int)
@@ -61,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the networks")
+    p.add_argument("--logger", choices=["jsonl", "tensorboard"],
+                   help="where metrics go (default: jsonl, metrics.jsonl)")
     p.add_argument(
         "overrides",
         nargs="*",
@@ -142,32 +153,26 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--title", help="page title")
 
     add_data_parser(sub)
-    sub.add_parser("methods", help="list the pre-training methods")
+    sub.add_parser("methods", help="list the pre-training methods: paper, backbones, defaults")
     return parser
 
 
 def _pretrain(args: argparse.Namespace) -> int:
+    from selfsight.api import pretrain
     from selfsight.backbones import parse_backbone_opts
-    from selfsight.config import build_config
     from selfsight.distributed import env_rank
-    from selfsight.engine import pretrain
 
-    config_file = args.config
-    if args.resume and config_file is None and args.out and (Path(args.out) / "config.yaml").is_file():
-        config_file = Path(args.out) / "config.yaml"
     if args.resume and not args.out:
         raise SystemExit("selfsight: error: --resume needs --out RUN (the run to continue)")
     backbone_opts = None
     if args.backbone is not None or args.backbone_opt is not None:
         backbone_opts = parse_backbone_opts(args.backbone_opt)
-    cfg = build_config(
-        config_file,
-        args.overrides,
+    summary = pretrain(
+        args.data,
+        args.out,
         method=args.method,
         backbone=args.backbone,
         backbone_opts=backbone_opts,
-        data=args.data,
-        out=args.out,
         steps=args.steps,
         epochs=args.epochs,
         minutes=args.minutes,
@@ -181,8 +186,12 @@ def _pretrain(args: argparse.Namespace) -> int:
         monitor_data=args.monitor_data,
         monitor_every=args.monitor_every,
         compile=args.compile,
+        logger=args.logger,
+        config=args.config,
+        overrides=args.overrides,
+        resume=args.resume,
+        progress=not args.no_progress,
     )
-    summary = pretrain(cfg, resume=args.resume, progress=not args.no_progress)
     if env_rank() != 0:  # under torchrun, rank 0 reports
         return 0
     print(
@@ -249,14 +258,14 @@ def _eval_compare(args: argparse.Namespace, train_data: str, test_data: str) -> 
 
 
 def _export(args: argparse.Namespace) -> int:
-    from selfsight.checkpoint import export_run
+    from selfsight.api import export
 
-    info = export_run(args.run, args.out)
+    info = export(args.run, args.out)
     opts = ", ".join(f"{k}={v!r}" for k, v in info["model_args"].items())
-    print(f"wrote {info['weights']} ({info['tensors']} tensors) and {info['config']}")
+    print(f"wrote {info['weights']} ({info['tensors']} tensors), {info['config']} and the model card {info['card']}")
     print(
         f"load it: timm.create_model({info['architecture']!r}, pretrained=True, num_classes=0, {opts}, "
-        f"pretrained_cfg_overlay=dict(file={info['weights']!r}))"
+        f"pretrained_cfg_overlay=dict(file={info['weights']!r})), or selfsight.load_backbone({args.out!r})"
     )
     return 0
 
@@ -320,12 +329,22 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _methods(_: argparse.Namespace) -> int:
-    from selfsight.registry import get_method_class, list_methods
+    import textwrap
 
-    for name in list_methods():
-        doc = (get_method_class(name).__doc__ or "").strip().splitlines()[0]
-        print(f"{name:10s} {doc}")
+    from selfsight.api import describe_methods
+
+    for info in describe_methods():
+        print(info["name"])
+        for label, text in (("paper", info["paper"]), ("backbones", info["backbones"]),
+                            ("defaults", ", ".join(f"{k}={_plain(v)}" for k, v in info["defaults"].items()))):
+            print(textwrap.fill(text, width=110, initial_indent=f"  {label + ':':11s}", subsequent_indent=" " * 13))
     return 0
+
+
+def _plain(value: object) -> str:
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(_plain(v) for v in value) + "]"
+    return str(value)
 
 
 COMMANDS = {
