@@ -2,7 +2,9 @@
 
 The method is re-created from the run's ``config.yaml`` and ``run.json`` (input normalisation) and
 loaded with the newest checkpoint's ``model`` state, so its decoder is the one that was trained. The
-mask is drawn by the method itself (``make_mask``) from a fixed seed.
+mask is drawn by the method itself (``make_mask``) from a fixed seed. Methods whose target is each patch
+normalised by its own mean and std (MAE with ``norm_pix_loss``, SparK) give a ``to_pixels``: their prediction
+is de-normalised with the statistics of the same patch of the image, and ``label`` says so.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from selfsight.backbones import Backbone
 from selfsight.checkpoint import load_latest_checkpoint, read_run_info
 from selfsight.config import load_config
 from selfsight.eval.features import pixels_to_input
+from selfsight.methods.simmim import masked_l1_loss
 from selfsight.registry import create_method, get_method_class
 
 #: the grey (in [0, 1] pixel units) that replaces masked patches in the "masked input" column
@@ -28,7 +31,8 @@ class Reconstruction:
 
     ``reconstruction`` is the prediction pasted into the masked patches, with the visible pixels of the
     original elsewhere (what SimMIM's loss trains; its prediction of visible pixels is not trained);
-    ``prediction`` is the decoder's full output.
+    ``prediction`` is the decoder's full output, in pixels (de-normalised per patch where the method's
+    target is per-patch normalised: ``label`` says how it was made viewable).
     """
 
     original: torch.Tensor
@@ -36,13 +40,15 @@ class Reconstruction:
     reconstruction: torch.Tensor
     prediction: torch.Tensor
     pixel_mask: torch.Tensor  # bool [K, S, S], True = masked
-    masked_l1: float  # the method's loss on these images: L1 on masked normalised pixels
+    masked_l1: float  # L1 between prediction and image on masked normalised pixels (SimMIM's loss)
     mask_ratio: float  # fraction of pixels masked
+    loss: float = float("nan")  # the method's own loss on these images (MAE, SparK: MSE on normalised patches)
+    label: str = "prediction"  # what the prediction column shows
 
 
 def is_masked_image_modelling(method_name: str) -> bool:
     """True for methods that predict pixels of masked patches: ``make_mask`` and ``forward(x, mask)``
-    returning ``(loss, prediction [B, C, H, W], pixel_mask [B, H, W])`` (SimMIM)."""
+    returning ``(loss, prediction [B, C, H, W], pixel_mask [B, H, W])`` (SimMIM, MAE, SparK)."""
     return callable(getattr(get_method_class(method_name), "make_mask", None))
 
 
@@ -71,6 +77,10 @@ def reconstruct(
     loss, prediction, pixel_mask = method(x, mask)
     if prediction.shape != x.shape:
         return None, f"the {cfg.method} prediction has shape {list(prediction.shape)}, not that of the images"
+    to_pixels = getattr(method, "to_pixels", None)
+    if callable(to_pixels):  # per-patch normalised target: each patch de-normalised with its own mean and std
+        prediction = to_pixels(x, prediction)
+    label = getattr(method, "reconstruction_label", f"{cfg.method} prediction")
     mean = torch.tensor(info["mean"], device=x.device).view(1, -1, 1, 1)
     std = torch.tensor(info["std"], device=x.device).view(1, -1, 1, 1)
     pixel_mask = pixel_mask.bool()
@@ -83,7 +93,9 @@ def reconstruct(
         reconstruction=torch.where(weight, predicted, original).cpu(),
         prediction=predicted.cpu(),
         pixel_mask=pixel_mask.cpu(),
-        masked_l1=float(loss),
+        masked_l1=float(masked_l1_loss(x.float(), prediction.float(), pixel_mask)),
         mask_ratio=float(pixel_mask.float().mean()),
+        loss=float(loss),
+        label=label,
     )
     return result, None
