@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from conftest import TINY_VIT
 from safetensors.torch import save_file
 from test_methods import TINY_CNN
@@ -225,6 +226,8 @@ def test_resume_repeats_losses_and_checkpoints_hold_no_teacher(idx_dir, tmp_path
     run_cut_at_3(fd_config(idx_dir, cut, teacher_export))
     pretrain(fd_config(idx_dir, cut, teacher_export), resume=True, progress=False)
     assert losses(cut) == losses(whole)
+    saved = yaml.safe_load((whole / "config.yaml").read_text())
+    assert saved["method_config"]["teacher"] == str(teacher_export.resolve())  # absolute: found from anywhere
     state = load_checkpoint(list_checkpoints(whole)[0])["model"]
     assert not any(k.startswith("teacher.") for k in state) and "teacher_digest" in state
     student, _ = load_run_backbone(whole)  # export, eval and diagnose read the student
@@ -248,6 +251,7 @@ def test_resume_refuses_a_teacher_that_changed_or_vanished(idx_dir, tmp_path):
 def test_bf16_export_eval_and_diagnose(idx_dir, tmp_path, teacher_export):
     from selfsight.diagnostics.api import diagnose
     from selfsight.eval.api import EvalConfig, evaluate
+    from selfsight.report import write_report
 
     run = tmp_path / "bf16"
     summary = pretrain(fd_config(idx_dir, run, teacher_export, steps=2, precision="bf16"), progress=False)
@@ -262,3 +266,5 @@ def test_bf16_export_eval_and_diagnose(idx_dir, tmp_path, teacher_export):
     assert 0.0 <= record["top1"] <= 1.0
     result = diagnose(run, num_images=16, device="cpu", progress=False)
     assert result["method"] == "fd"
+    page = write_report([run], tmp_path / "report.html").read_text()
+    assert "<td>fd</td>" in page  # the run's method in its facts table

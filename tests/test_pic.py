@@ -210,7 +210,7 @@ def test_resume_repeats_losses(idx_dir, tmp_path):
     assert state["classifier"].shape == (256, 16)
 
 
-def test_bf16_and_export(idx_dir, tmp_path):
+def test_bf16_export_and_report(idx_dir, tmp_path):
     run = tmp_path / "bf16"
     summary = IndexedTrainer(pic_config(idx_dir, run, steps=2, precision="bf16"), progress=False).fit()
     assert summary["skipped_steps"] == 0 and all(math.isfinite(v) for v in losses(run))
@@ -222,3 +222,6 @@ def test_bf16_and_export(idx_dir, tmp_path):
     weights = load_file(exported["weights"])
     assert torch.equal(weights["conv1.weight"], backbone.model.conv1.weight)
     assert not any("classifier" in k for k in weights)
+    from selfsight.report import write_report
+
+    assert "<td>pic</td>" in write_report([run], tmp_path / "report.html").read_text()

@@ -19,15 +19,18 @@ with ``resize_teacher_map=false``, grids that differ are refused. Prefix tokens 
 predicted when teacher and student have as many; otherwise the loss covers the patch tokens only.
 
 Relative position bias: timm's plain ViT (``VisionTransformer``) has none, so a ``vit_*`` student keeps its
-absolute position embedding; a Swin / SwinV2 student has timm's own relative position bias in every
-block (the paper's other student). The paper's layer scale 0.1 is ``--backbone-opt init_values=0.1``.
+absolute position embedding (the choice here); a Swin / SwinV2 student has timm's own relative position
+bias in every block (the paper's other student). timm's ``vit_relpos_*`` with ``shared_rel_pos=true`` is the
+paper's shared bias and trains with FD, but selfsight's Backbone files it under family ``other``, whose
+per-layer features (eval, diagnose) it cannot read yet, and its unused ``fc_norm`` stops DDP (no unused
+parameters). The paper's layer scale 0.1 is ``--backbone-opt init_values=0.1``.
 
 The teacher is frozen (``requires_grad=False``, ``torch.no_grad``) and stays in eval mode whatever
 ``train()`` is called with. It is not part of the state dict (checkpoints hold the student, projector
-and a SHA-256 digest of the teacher): a resumed run re-loads the teacher from ``teacher`` (the path is in
-the run's config.yaml) and refuses to go on when the weights found there differ from the digest, or when
-the path is gone. Checkpoints stay the size of the student (a ViT-L teacher would add 1.2 GB to each),
-and ``export`` / ``eval`` / ``diagnose`` see the student (``export_backbone = "backbone"``).
+and a SHA-256 digest of the teacher): a resumed run re-loads the teacher from ``teacher`` (made absolute,
+in the run's config.yaml) and refuses to go on when the weights found there differ from the digest, or
+when the path is gone. Checkpoints stay the size of the student (a ViT-L teacher would add 1.2 GB to
+each), and ``export`` / ``eval`` / ``diagnose`` see the student (``export_backbone = "backbone"``).
 """
 
 from __future__ import annotations
@@ -200,6 +203,7 @@ class FD(Method):
     def __init__(self, backbone: Backbone, config: FD.Config, mean: list[float], std: list[float]) -> None:
         super().__init__(backbone, config, mean, std)
         teacher = load_teacher(config.teacher)
+        config.teacher = teacher.source  # absolute: the run's config.yaml finds it again from any directory
         t = teacher.backbone
         if t.in_chans != backbone.in_chans and backbone.in_chans != 1:
             raise ConfigError(f"FD: the teacher takes {t.in_chans} channels, the student {backbone.in_chans}")
