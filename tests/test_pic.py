@@ -102,6 +102,32 @@ def test_labels_are_the_batch_indices_and_are_consumed():
         make_pic(num_images=None)
 
 
+def test_ranks_mean_loss_and_gradient_are_the_global_ones():
+    """Why PIC needs no gather under data parallelism: rank r scores its slice of the views (its share of the
+    draws) against all N classes; the mean of the 2 ranks' losses and gradients is the 1-process one."""
+    from selfsight import distributed
+
+    torch.manual_seed(0)
+    method = make_pic(TINY_VIT)  # no BatchNorm: the engine synchronises it across ranks, here there are none
+    labels = torch.arange(8) * 5 % 64
+    method.batch_indices = labels
+    whole = method.training_step(images(), gen(2)).loss
+    whole.backward()
+    expected = [p.grad.clone() for p in method.parameters() if p.grad is not None]
+    method.zero_grad(set_to_none=True)
+    halves = []
+    for r in range(2):
+        with distributed.rank_share_of_draws(r, 2):
+            method.batch_indices = labels[r * 4:(r + 1) * 4]
+            halves.append(method.training_step(images()[r * 4:(r + 1) * 4], gen(2)).loss)
+    mean = torch.stack(halves).mean()
+    mean.backward()
+    assert torch.allclose(mean, whole, atol=1e-6)
+    got = [p.grad for p in method.parameters() if p.grad is not None]
+    assert len(got) == len(expected)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(got, expected, strict=True))
+
+
 def test_classifier_memory_is_reported_and_refused_when_too_large(caplog):
     memory = classifier_memory(1_281_167, 128, 4)  # ImageNet-1k
     assert memory["classifier_gib"] == pytest.approx(16 * 1_281_167 * 128 / 2**30)  # about 2.4 GiB
