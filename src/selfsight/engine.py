@@ -38,6 +38,7 @@ from tqdm import tqdm
 from selfsight import distributed
 from selfsight.backbones import Backbone
 from selfsight.checkpoint import (
+    atomic_write_bytes,
     checkpoint_path,
     list_checkpoints,
     remove_stale_temp_files,
@@ -346,7 +347,14 @@ class Trainer:
 
     def _batches(self, start_batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
         """This rank's share of global batches start_batch, start_batch + 1, ... on the device (streamed
-        from tar shards when the data is a shards folder, else indexed)."""
+        from tar shards when the data is a shards folder, else indexed). On the CPU, the DataLoader workers
+        of a lazily decoded set also build the views (``selfsight.data.worker_views``): the stream then
+        yields PreparedViews, which ``Method.views`` hands back. Unreadable files met on the way are added
+        to ``self.images.skipped``; rank 0 rewrites run.json's ``data`` summary when that list grows."""
+        from functools import partial
+
+        from selfsight.data.worker_views import worker_views_for
+
         stream = make_batch_stream(
             self.images,
             self.local_batch,
@@ -356,9 +364,23 @@ class Trainer:
             pin_memory=self.device.type == "cuda",
             rank=self.rank,
             world_size=self.world,
+            views=worker_views_for(self.method, self.device, partial(step_generator, self.cfg.seed)),
         )
+        known = len(self.images.skipped)
         for images, labels in stream:
+            if len(self.images.skipped) != known and self.main:  # unreadable files met while training
+                known = len(self.images.skipped)
+                self._update_data_summary()
             yield images.to(self.device, non_blocking=True), labels
+
+    def _update_data_summary(self) -> None:
+        """Rewrite run.json's ``data`` summary (counts and names of skipped files), atomically."""
+        run_json = self.run_dir / "run.json"
+        if not run_json.exists():  # not written yet: _write_run_files will write the summary with them
+            return
+        info = json.loads(run_json.read_text())
+        info["data"] = self.images.summary()
+        atomic_write_bytes(run_json, lambda handle: handle.write(json.dumps(info, indent=2).encode()))
 
     # --- state --------------------------------------------------------------------------------
     def _replan(self, time_limit: float) -> None:
