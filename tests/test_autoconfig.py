@@ -106,6 +106,16 @@ def test_explicit_flags_override_on_the_command_line(tmp_path, capsys):
     assert config["method"] == "byol" and config["batch_size"] == 8 and config["backbone"] == "resnet18"
     assert config["method_config"]["proj_hidden_dim"] == 64 and config["backbone_opts"]["in_chans"] == 3
 
+    # --backbone-opt without --backbone adjusts the chosen backbone
+    code, out, err = run_cli(["pretrain", "--data", str(folder), "--out", str(tmp_path / "opt"), "--steps", "1",
+                              "--backbone-opt", "img_size=16", "--no-progress", "--device", "cpu",
+                              "--precision", "fp32"], capsys)
+    assert code == 0, err
+    assert "16 px (given)" in out
+    config = yaml.safe_load((tmp_path / "opt" / "config.yaml").read_text())
+    assert config["backbone"] == "resnet18" and config["backbone_opts"]["img_size"] == 16
+    assert config["backbone_opts"]["layers"] == [1, 1, 1, 1] and config["method"] == "simclr"
+
 
 def test_gray_stored_as_rgb_counts_as_gray_and_sizes_follow_the_images(tmp_path, idx_dir):
     facts = inspect_data(str(write_folder(tmp_path / "scans", 10, "rgb-gray", size=(100, 80))))

@@ -25,7 +25,8 @@ def test_export_writes_a_model_card_whose_snippet_runs(idx_dir, tmp_path, capsys
     assert info["card"] == str(out / "README.md")
     assert card.startswith(f"# {TINY_VIT[0]} pre-trained with simmim")
     assert "SimMIM (Xie et al. 2021" in card and "mask_ratio=0.6" in card and "`embed_dim=32`" in card
-    assert "(IDX, 256 images), read at 16 px with 1 channel(s)" in card and "2 steps" in card  # the data summary and the budget
+    assert "(IDX, 256 images), read at 16 px with 1 channel(s)" in card  # the data summary
+    assert "2 steps (64 images, 0.2 epochs)" in card  # the budget
     row = next(line for line in card.splitlines() if line.startswith("| eval_knn_32.json"))
     assert f"{100 * record['top1']:.2f} ± {100 * record['top1_std']:.2f}% (2 draws)" in row and "| 32 |" in row
     mean = json.loads((out / "config.json").read_text())["pretrained_cfg"]["mean"][0]

@@ -89,13 +89,14 @@ def pretrain(
 ) -> dict[str, Any]:
     """Pre-train a backbone on unlabeled images (``selfsight pretrain``); returns the run's summary.
 
-    Given ``data`` but no ``backbone``/``backbone_opts``, no ``config`` and no ``resume``, the options not
-    given are chosen from the images and the device (:func:`selfsight.autoconfig.choose_defaults`: input
-    channels and size, method, backbone, batch size, budget), printed in two lines and written to the
-    run's ``config.yaml`` like any option; ``auto=False`` keeps the plain defaults (SimMIM on a 28-px
-    gray ViT). ``backbone_opts`` takes a dict or ``["img_size=32", "in_chans=1"]``; ``overrides`` any
-    config option, as ``["lr=1e-3"]`` or ``{"lr": 1e-3, "method.crop_scale": [0.5, 1]}``; ``config`` a
-    YAML file (e.g. a run's ``config.yaml``); ``resume`` continues the run in ``out`` from its newest
+    Given ``data`` but no ``backbone``, no ``config`` and no ``resume``, the options not given are chosen
+    from the images and the device (:func:`selfsight.autoconfig.choose_defaults`: input channels and size,
+    method, backbone, batch size, budget; ``backbone_opts`` without ``backbone`` adjust the chosen
+    backbone), printed in two lines and written to the run's ``config.yaml`` like any option;
+    ``auto=False`` keeps the plain defaults (SimMIM on a 28-px gray ViT). ``backbone_opts`` takes a dict
+    or ``["img_size=32", "in_chans=1"]``; ``overrides`` any config option, as ``["lr=1e-3"]`` or
+    ``{"lr": 1e-3, "method.crop_scale": [0.5, 1]}``; ``config`` a YAML file (e.g. a run's
+    ``config.yaml``); ``resume`` continues the run in ``out`` from its newest
     checkpoint. Budgets: one of ``steps``, ``epochs``, ``minutes``.
 
     Returns a dict with method, backbone, steps, planned_steps, images_seen, minutes, img_per_s,
@@ -135,8 +136,10 @@ def pretrain(
         top_level = {f.name for f in dataclasses.fields(PretrainConfig)}
         given = {name for name, value in values.items() if value is not None}
         given |= {path[0] for path in (parse_override(item)[0] for item in items) if path[0] in top_level}
-        choice = choose_defaults(str(data), given, device=device, method=method)
-        values.update({k: v for k, v in choice.options.items() if values.get(k) is None})
+        choice = choose_defaults(str(data), given, device=device, method=method,
+                                 backbone_opts=values["backbone_opts"])
+        # the chosen backbone options already hold the user's own (theirs win)
+        values.update({k: v for k, v in choice.options.items() if values.get(k) is None or k == "backbone_opts"})
         items = [*choice.overrides, *items]
         lines = choice.lines
         if lines and env_rank() == 0:

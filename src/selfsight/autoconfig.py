@@ -299,13 +299,15 @@ def _power_of_two_at_most(count: int) -> int:
 
 
 def choose_defaults(data: str | None, given: Collection[str] = (), device: str | None = "auto",
-                    method: str | None = None) -> AutoChoice:
+                    method: str | None = None, backbone_opts: dict[str, Any] | None = None) -> AutoChoice:
     """Options for a run on ``data`` that the user did not give (``given``: the option names they set).
 
     ``given`` holds PretrainConfig names (``method``, ``backbone``, ``backbone_opts``, ``batch_size``,
     ``steps``, ``epochs``, ``minutes``, ...) and ``config`` when a configuration file was given. Nothing
-    is chosen (an empty AutoChoice) without ``data``, or when the user named the backbone
-    (``backbone``/``backbone_opts``) or gave a ``config`` file. ``method`` is the user's method, if given.
+    is chosen (an empty AutoChoice) without ``data``, or when the user named the ``backbone`` or gave a
+    ``config`` file. ``method`` is the user's method, if given; ``backbone_opts`` the user's backbone
+    options (``--backbone-opt`` without ``--backbone``), which win over the chosen ones (``img_size=64``
+    keeps the chosen backbone at 64 px).
 
     Example:
         >>> choice = choose_defaults("~/photos", given={"steps"}, device="cpu")  # doctest: +SKIP
@@ -314,31 +316,41 @@ def choose_defaults(data: str | None, given: Collection[str] = (), device: str |
         >>> print("\\n".join(choice.lines))  # doctest: +SKIP
     """
     given = set(given)
-    if data is None or given & {"backbone", "backbone_opts", "config"}:
+    if data is None or given & {"backbone", "config"}:
         return AutoChoice()
+    user_opts = dict(backbone_opts or {})
     dev = device_type(device)
     facts = inspect_data(data)
     chosen_method = method if "method" in given and method else "simclr"
     masked = chosen_method in MASKED_IMAGE_METHODS
-    size = input_size(facts.short_side, cnn=not masked, device=dev)
-    rule = (f"median shorter side {facts.short_side} px"
-            + (f" x{SMALL_IMAGE_SCALE:g} for the CNN's stride-4 stem" if not masked and facts.short_side < SMALL_IMAGE
-               else "")
-            + f", to a multiple of {SIZE_MULTIPLE} within {MIN_SIZE}-{MAX_SIZE[dev]} px on {dev.upper()}")
+    in_chans = int(user_opts.get("in_chans", facts.in_chans))
+    channels = f"{in_chans} input channel{'s' if in_chans > 1 else ''} " + (
+        "(given)" if "in_chans" in user_opts else f"({facts.channels_reason})")
+    if "img_size" in user_opts:
+        size, rule = int(user_opts["img_size"]), "given"
+    else:
+        size = input_size(facts.short_side, cnn=not masked, device=dev)
+        rule = (f"median shorter side {facts.short_side} px"
+                + (f" x{SMALL_IMAGE_SCALE:g} for the CNN's stride-4 stem"
+                   if not masked and facts.short_side < SMALL_IMAGE else "")
+                + f", to a multiple of {SIZE_MULTIPLE} within {MIN_SIZE}-{MAX_SIZE[dev]} px on {dev.upper()}")
     options: dict[str, Any] = {}
     overrides: list[str] = []
     if masked:
-        backbone, opts, described = _vit_for(size, facts.in_chans, dev)
+        backbone, opts, described = _vit_for(size, in_chans, dev)
         described, why = described[:-1], f"; {chosen_method} needs patch embeddings)"
     elif dev == "cpu":
-        backbone, opts = "resnet18", {"in_chans": facts.in_chans, "img_size": size, **NARROW_RESNET18}
+        backbone, opts = "resnet18", {"in_chans": in_chans, "img_size": size, **NARROW_RESNET18}
         described = "a narrow resnet18 (1 block per stage, 32-256 channels, 1.2M parameters"
         why = ("; best measured on CPU: 86.4% k-NN on Fashion-MNIST in 30 min)"
                if chosen_method == "simclr" else "; the best measured at small CPU budgets)")
     else:
-        backbone, opts = "resnet50", {"in_chans": facts.in_chans, "img_size": size}
+        backbone, opts = "resnet50", {"in_chans": in_chans, "img_size": size}
         described, why = "resnet50", " (a standard backbone; a GPU trains it in minutes)"
-    options.update(backbone=backbone, backbone_opts=opts)
+    extra = {k: v for k, v in user_opts.items() if k not in ("in_chans", "img_size")}
+    if extra:
+        why += " with " + ", ".join(f"{k}={v}" for k, v in extra.items()) + " (given)"
+    options.update(backbone=backbone, backbone_opts={**opts, **user_opts})
     if "method" not in given:
         options["method"] = chosen_method
         if dev == "cpu":
@@ -366,8 +378,7 @@ def choose_defaults(data: str | None, given: Collection[str] = (), device: str |
     if overrides:
         parts.append(" ".join(overrides))
     lines = [
-        f"auto: {facts.in_chans} input channel{'s' if facts.in_chans > 1 else ''} ({facts.channels_reason}), "
-        f"{size} px ({rule}); {facts.num_images} images",
+        f"auto: {channels}, {size} px ({rule}); {facts.num_images} images",
         "auto: " + ", ".join(parts) + "; any option you give overrides these",
     ]
     return AutoChoice(options=options, overrides=overrides, lines=lines, facts=facts)

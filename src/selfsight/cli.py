@@ -34,9 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "pretrain", help="pre-train a backbone on unlabeled images",
-        description="Pre-train a backbone on unlabeled images. With --data and no --backbone/--backbone-opt "
-        "(nor --config, --resume), the options you do not give are chosen from the images and the device "
-        "(channels, input size, method, backbone, batch size, budget) and printed at start.",
+        description="Pre-train a backbone on unlabeled images. With --data and no --backbone (nor --config, "
+        "--resume), the options you do not give are chosen from the images and the device (channels, input "
+        "size, method, backbone, batch size, budget) and printed at start; --backbone-opt adjusts the chosen "
+        "backbone (e.g. img_size=64).",
     )
     p.add_argument("--method", help="pre-training method (default: simclr with --data, else simmim); "
                    "see `selfsight methods`")
