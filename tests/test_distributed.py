@@ -24,6 +24,7 @@ import pytest
 import torch
 from conftest import TINY_VIT
 from test_data import in_memory_set, take
+from test_fd import fd_teacher
 from test_methods import SMALL, TINY_CNN, cnn_config, gen, images, make
 
 from selfsight import distributed
@@ -35,21 +36,23 @@ from selfsight.errors import ConfigError
 from selfsight.losses import info_nce, nt_xent
 from selfsight.masking import simmim_mask
 
-METHODS = ["simclr", "mocov2", "simmim", "byol", "dino", "moby", "mocov3"]
+METHODS = ["simclr", "mocov2", "simmim", "byol", "dino", "moby", "mocov3", "fd"]
 STEPS = 6
 RTOL = 1e-4
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_config(idx_dir: Path | str, out: Path | str, method: str, **changes):
-    """The tiny configuration of ``method``: SimMIM on the tiny ViT, the others on the tiny ResNet (with
-    BatchNorm in backbone and heads). Global batch 32, ``STEPS`` steps, checkpoints every 2."""
+    """The tiny configuration of ``method``: SimMIM and FD (its teacher: ``fd_teacher``) on the tiny ViT, the
+    others on the tiny ResNet (with BatchNorm in backbone and heads). Global batch 32, ``STEPS`` steps,
+    checkpoints every 2."""
     base = {"steps": STEPS, "ckpt_every": 2, "keep_checkpoints": 3, "precision": "fp32", **changes}
-    if method != "simmim":
+    if method not in ("simmim", "fd"):
         return cnn_config(idx_dir, out, method, **base)
+    overrides = [f"method.teacher={fd_teacher(idx_dir)}"] if method == "fd" else None
     return build_config(
-        None, None, backbone=TINY_VIT[0], backbone_opts=TINY_VIT[1], data=f"{idx_dir}:train", out=str(out),
-        batch_size=32, log_every=1, device="cpu", num_workers=0, **base,
+        None, overrides, method=method, backbone=TINY_VIT[0], backbone_opts=TINY_VIT[1], data=f"{idx_dir}:train",
+        out=str(out), batch_size=32, log_every=1, device="cpu", num_workers=0, **base,
     )
 
 
@@ -92,6 +95,7 @@ def two_process_runs(idx_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
     work = tmp_path_factory.mktemp("ddp")
     (work / "runs").mkdir()
     spec = {"idx_dir": str(idx_dir), "runs": str(work / "runs"), "reports": str(work), "methods": METHODS}
+    fd_teacher(idx_dir)  # written here, before the workers read it
     (work / "spec.json").write_text(json.dumps(spec))
     done = torchrun(str(Path(__file__).resolve()), str(work / "spec.json"))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
