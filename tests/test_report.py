@@ -97,10 +97,13 @@ def test_report_of_one_run_holds_every_section(runs, tmp_path):
         assert f'alt="{alt}"' in html
     assert "<details><summary>config.yaml" in html and "monitor_every: 2" in html
     assert "256" in html and "skipped files" in html  # the data summary: 256 training images, 0 skipped
-    # the evaluation table: a pre-trained and a scratch k-NN row, the gain in points between them
+    # the evaluation table: a pre-trained and a scratch k-NN row (the strongest, and only, baseline), each the
+    # mean ± std over the default 3 label draws, the gain in points between them, and a chart with error bars
     assert re.search(r"<tr><td>knn</td><td>pretrained</td>", html)
-    assert re.search(r'<tr class="scratch"><td>knn</td><td>scratch</td>', html)
-    assert "vs scratch (points)" in html and re.search(r'class="gain-(pos|neg)">[+-]\d+\.\d\d<', html)
+    assert re.search(r'<tr class="scratch strongest"><td>knn</td><td>scratch</td>', html)
+    assert "vs strongest baseline (points)" in html and re.search(r'class="gain-(pos|neg)">[+-]\d+\.\d\d<', html)
+    assert re.search(r"\d+\.\d\d ± \d+\.\d\d% <small>\(3 draws\)</small>", html)
+    assert 'alt="evaluation with 16 labels"' in html
     # the diagnostics: per-layer attention table, CKA matrices, sample facts, every plot diagnose listed
     diag = json.loads((runs["monitored"] / "diagnostics" / "diagnostics.json").read_text())
     assert "Attention per layer" in html and "head diversity" in html
@@ -110,7 +113,8 @@ def test_report_of_one_run_holds_every_section(runs, tmp_path):
     for key in diag["plots"]:
         caption = key.replace("_", " ")
         assert f'alt="{caption}"' in html and f"<figcaption>{caption}</figcaption>" in html
-    assert len(sources) == 5 + len(diag["plots"])  # loss, k-NN monitor, lr, throughput, grad norm + diagnostics
+    # loss, k-NN monitor, lr, throughput, grad norm, the evaluation chart + diagnostics
+    assert len(sources) == 6 + len(diag["plots"])
     assert "Runs compared" not in html
 
 
@@ -124,7 +128,7 @@ def test_two_runs_side_by_side_with_a_demo_folder(runs, tmp_path):
     assert "monitored" in html and "demo/pretrain" in html  # the demo folder resolves to its pre-training run
     assert "Runs compared" in html and 'alt="loss: runs compared"' in html
     # the demo's evaluations, written next to its pretrain/ folder, show in that run's column
-    assert re.search(r'<tr class="scratch"><td>finetune</td><td>scratch</td>', html)
+    assert re.search(r'<tr class="scratch strongest"><td>finetune</td><td>scratch</td>', html)
     assert '<span class="gain-pos">+25.00</span>' in html
     assert f"selfsight diagnose {runs['demo'] / 'pretrain'}" in html  # no diagnostics there: how to make them
 
@@ -152,8 +156,16 @@ def test_missing_files_are_notes_and_a_non_run_dir_is_an_error(runs, tmp_path):
                "eval": {"labels": 600, "test_images": 10000, "finetune_top1": 0.759, "scratch_finetune_top1": 0.578}}
     (demo / "summary.json").write_text(json.dumps(summary))
     html = write_report([demo], tmp_path / "demo.html").read_text()
-    assert re.search(r'<tr class="scratch"><td>finetune</td><td>scratch</td>.*57\.80%', html)
+    assert re.search(r'<tr class="scratch strongest"><td>finetune</td><td>scratch</td>.*57\.80%', html)
     assert '<span class="gain-pos">+18.10</span>' in html
+    # a newer summary.json also holds the baselines and the fine-tuning spread: the strongest is marked
+    summary["eval"].update({"draws": 3, "finetune_top1_std": 0.004})
+    summary["baselines"] = {"raw_logreg_top1": 0.78, "raw_knn_top1": 0.73, "scratch_same_top1": 0.578,
+                            "scratch_cnn_top1": 0.77}
+    (demo / "summary.json").write_text(json.dumps(summary))
+    html = write_report([demo], tmp_path / "demo.html").read_text()
+    assert re.search(r'<tr class="scratch strongest"><td>linear</td><td>pixels</td>.*78\.00%', html)
+    assert "75.90 ± 0.40% <small>(3 draws)</small>" in html and '<span class="gain-neg">-2.10</span>' in html
 
     for path, why in ((tmp_path / "empty", "no run.json"), (tmp_path / "nowhere", "does not exist")):
         path.mkdir() if why == "no run.json" else None

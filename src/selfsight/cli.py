@@ -112,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "or tuned)")
     e.add_argument("--weight-decay", type=float, help="finetune AdamW decay (0.05) / linear L2 penalty (1e-4)")
     e.add_argument("--layer-decay", type=float, help="finetune layer-wise lr decay (0.75 pre-trained, 1 scratch)")
+    e.add_argument("--head-init", choices=["probe", "zero"], help="finetune head: probe = linear probe first "
+                   "(LP-FT, default pre-trained), zero (default scratch; the recipe before 2026-11-28)")
     e.add_argument("--batch-size", type=int)
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--device", default="auto")
@@ -228,6 +230,7 @@ def _eval(args: argparse.Namespace) -> int:
         lr=args.lr,
         weight_decay=args.weight_decay,
         layer_decay=args.layer_decay,
+        head_init=args.head_init,
         batch_size=args.batch_size,
         seed=args.seed,
         device=args.device,
@@ -247,7 +250,7 @@ def _eval_compare(args: argparse.Namespace, train_data: str, test_data: str) -> 
     if not args.run:
         raise ConfigError("eval compare needs --run (a pre-training run directory)")
     ignored = [f"--{name.replace('_', '-')}" for name in ("backbone", "lr", "k", "weight_decay", "layer_decay",
-                                                          "batch_size") if getattr(args, name) is not None]
+                                                          "head_init", "batch_size") if getattr(args, name) is not None]
     ignored += ["--init"] if args.init != "pretrained" else []
     if ignored:
         raise ConfigError(f"{', '.join(ignored)} do not apply to eval compare (every row uses its protocol)")

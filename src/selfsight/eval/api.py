@@ -52,7 +52,8 @@ class EvalConfig:
     """One evaluation. ``None`` hyper-parameters take the protocol's defaults.
 
     ``layer``, ``pool`` choose the frozen features (knn, linear); ``k``, ``temperature`` are k-NN's;
-    ``epochs``, ``lr``, ``layer_decay`` are fine-tuning's; ``weight_decay`` is the linear probe's L2
+    ``epochs``, ``lr``, ``layer_decay``, ``head_init`` (``probe``: LP-FT, ``zero``) are fine-tuning's;
+    ``weight_decay`` is the linear probe's L2
     penalty or fine-tuning's AdamW decay; ``batch_size`` is fine-tuning's training batch, else the
     feature-extraction batch. ``backbone``/``backbone_opts`` name the architecture for
     ``init='scratch'`` (default: the run's) and the image size for ``init='pixels'``.
@@ -79,6 +80,7 @@ class EvalConfig:
     layer_decay: float | None = None
     batch_size: int | None = None
     weight_decay: float | None = None
+    head_init: str | None = None
     seed: int = 0
     device: str = "auto"
     out: str | None = None
@@ -109,7 +111,7 @@ def check_config(cfg: EvalConfig) -> None:
     if cfg.kind == "finetune" and (cfg.layer != -1 or cfg.pool != "avg"):
         raise ConfigError("layer and pool apply to knn and linear; fine-tuning reads the last layer")
     if cfg.kind != "finetune":
-        given = [name for name in ("epochs", "lr", "layer_decay") if getattr(cfg, name) is not None]
+        given = [name for name in ("epochs", "lr", "layer_decay", "head_init") if getattr(cfg, name) is not None]
         if given:
             raise ConfigError(f"{', '.join(given)} apply to finetune only (the linear probe runs L-BFGS to the end)")
     if cfg.weight_decay is not None and cfg.weight_decay < 0:
@@ -228,7 +230,7 @@ def _open_setting(cfg: EvalConfig) -> _Setting:
 def finetune_hparams(cfg: EvalConfig) -> dict[str, Any]:
     """The recipe for ``cfg.init`` (LP-FT for a pre-trained backbone, see finetune.py) plus the options given."""
     hparams = dict(FINETUNE_DEFAULTS if cfg.init == "pretrained" else SCRATCH_DEFAULTS)
-    chosen = {"epochs": cfg.epochs, "lr": cfg.lr, "layer_decay": cfg.layer_decay,
+    chosen = {"epochs": cfg.epochs, "lr": cfg.lr, "layer_decay": cfg.layer_decay, "head_init": cfg.head_init,
               "batch_size": cfg.batch_size, "weight_decay": cfg.weight_decay}
     hparams.update({k: v for k, v in chosen.items() if v is not None})
     return hparams

@@ -36,7 +36,9 @@ ROWS: dict[str, tuple[str, dict[str, Any], bool]] = {
 @dataclass
 class CompareConfig:
     """One comparison. ``rows`` picks among ``ROWS`` (default all); ``epochs`` applies to every
-    fine-tuning row alike (default: the recipes' own); ``cnn``/``cnn_opts`` name the scratch CNN."""
+    fine-tuning row alike (default: the recipes' own); ``tune`` to every row, unless ``tune_finetune``
+    is given for the fine-tuning rows (the cheap rows may be tuned and the costly ones not);
+    ``cnn``/``cnn_opts`` name the scratch CNN."""
 
     run: str
     train_data: str
@@ -45,6 +47,7 @@ class CompareConfig:
     label_fraction: float | None = None
     draws: int | None = None
     tune: bool | None = None
+    tune_finetune: bool | None = None
     epochs: int | None = None
     seed: int = 0
     device: str = "auto"
@@ -64,11 +67,13 @@ def _eval_config(cfg: CompareConfig, key: str) -> EvalConfig:
         arch = Backbone(name, opts)
         options["backbone"] = cfg.cnn
         options["backbone_opts"] = {"in_chans": arch.in_chans, "img_size": arch.img_size, **cfg.cnn_opts}
+    tune = cfg.tune
     if options["kind"] == "finetune":
         options["epochs"] = cfg.epochs
+        tune = cfg.tune if cfg.tune_finetune is None else cfg.tune_finetune
     return EvalConfig(run=cfg.run, train_data=cfg.train_data, test_data=cfg.test_data,
                       labels_per_class=cfg.labels_per_class, label_fraction=cfg.label_fraction,
-                      draws=cfg.draws, tune=cfg.tune, seed=cfg.seed, device=cfg.device, out=cfg.out,
+                      draws=cfg.draws, tune=tune, seed=cfg.seed, device=cfg.device, out=cfg.out,
                       progress=cfg.progress, **options)
 
 

@@ -8,6 +8,8 @@ ViT's features, where a 100-epoch AdamW probe (lr 1e-3) under-fits those feature
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +20,20 @@ from selfsight.errors import ConfigError
 from selfsight.eval.knn import top1
 
 LINEAR_DEFAULTS = {"weight_decay": 1e-4, "max_iter": 1000}
+#: problems (samples x features x classes) below this size are fit on one thread: L-BFGS runs thousands
+#: of tiny ops, and OpenMP's synchronisation between threads costs more than the ops on a busy machine
+ONE_THREAD_BELOW = 50_000_000
+
+
+@contextmanager
+def threads(count: int) -> Iterator[None]:
+    """Run the block with ``torch.set_num_threads(count)``, then restore the previous count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @dataclass
@@ -95,7 +111,8 @@ def fit_linear_probe(
         loss.backward()
         return loss
 
-    with torch.enable_grad():
+    small = feats.device.type == "cpu" and feats.numel() * num_classes < ONE_THREAD_BELOW
+    with torch.enable_grad(), threads(1) if small else nullcontext():
         optimizer.step(closure)
     with torch.no_grad():
         final = regularized_loss().item()

@@ -108,16 +108,26 @@ def read_evals(run: Path, notes: list[str]) -> list[dict[str, Any]]:
 def demo_summary_evals(summary: dict[str, Any]) -> list[dict[str, Any]]:
     """Evaluation rows rebuilt from a demo summary.json (when its eval_*.json files are gone)."""
     results = summary.get("eval") or {}
+    baselines = summary.get("baselines") or {}
+    draws = results.get("draws")
     rows = []
-    for key, kind, init in (
-        ("knn_top1", "knn", "pretrained"),
-        ("linear_top1", "linear", "pretrained"),
-        ("finetune_top1", "finetune", "pretrained"),
-        ("scratch_finetune_top1", "finetune", "scratch"),
+    for source, key, kind, init, backbone in (
+        (results, "knn_top1", "knn", "pretrained", None),
+        (results, "linear_top1", "linear", "pretrained", None),
+        (results, "finetune_top1", "finetune", "pretrained", None),
+        (results, "scratch_finetune_top1", "finetune", "scratch", None),
+        (baselines, "raw_logreg_top1", "linear", "pixels", "pixels"),
+        (baselines, "raw_knn_top1", "knn", "pixels", "pixels"),
+        (baselines, "scratch_cnn_top1", "finetune", "scratch", "resnet18"),
     ):
-        if isinstance(results.get(key), (int, float)):
-            rows.append({"kind": kind, "init": init, "num_labels": results.get("labels"), "top1": results[key],
-                         "num_test": results.get("test_images"), "file": "summary.json"})
+        if isinstance(source.get(key), (int, float)):
+            row = {"kind": kind, "init": init, "num_labels": results.get("labels"), "top1": source[key],
+                   "num_test": results.get("test_images"), "file": "summary.json", "draws": draws}
+            if backbone:
+                row["backbone"] = backbone
+            if key == "finetune_top1" and isinstance(results.get("finetune_top1_std"), (int, float)):
+                row["top1_std"] = results["finetune_top1_std"]
+            rows.append(row)
     return rows
 
 

@@ -45,6 +45,7 @@ th { color: var(--muted); font-weight: 600; }
 table.kv th { width: 11em; font-weight: 500; }
 td.num, th.num { text-align: right; padding-right: 12px; font-variant-numeric: tabular-nums; }
 tr.scratch td { color: var(--muted); }
+tr.strongest td { color: var(--fg); background: #fef3c7; } .strongest-mark { color: #92400e; font-weight: 600; }
 .gain-pos { color: #15803d; font-weight: 600; } .gain-neg { color: #b91c1c; font-weight: 600; }
 .blocks { display: flex; flex-wrap: wrap; gap: 0 48px; } .blocks h3 { margin-top: 0; }
 .blocks > div { min-width: 0; max-width: 100%; } td { overflow-wrap: anywhere; }
@@ -244,26 +245,68 @@ def curves(run: RunFacts, keys: Sequence[str]) -> str:
     return f'<div class="figs">{"".join(figs)}</div>{missing}'
 
 
+BASELINE_INITS = ("scratch", "pixels")
+
+
+def _is_baseline(e: dict[str, Any]) -> bool:
+    return e.get("init") in BASELINE_INITS
+
+
+def _eval_label(e: dict[str, Any]) -> str:
+    if e.get("init") == "pixels":
+        return f"raw pixels, {'logistic regression' if e.get('kind') == 'linear' else e.get('kind')}"
+    return f"{e.get('kind')}, {e.get('init', 'pretrained')} {e.get('backbone') or ''}".strip()
+
+
+def _top1_cell(e: dict[str, Any]) -> str:
+    draws = e.get("draws") or 1
+    if draws > 1 and isinstance(e.get("top1_std"), (int, float)):
+        return f"{100 * e['top1']:.2f} ± {100 * e['top1_std']:.2f}% <small>({draws} draws)</small>"
+    return f"{100 * e['top1']:.2f}%"
+
+
+def strongest_baselines(evals: Sequence[dict[str, Any]]) -> dict[Any, dict[str, Any]]:
+    """For each number of labels, the baseline row (init scratch or pixels) with the highest mean top-1."""
+    best: dict[Any, dict[str, Any]] = {}
+    for e in evals:
+        if _is_baseline(e) and (e.get("num_labels") not in best or e["top1"] > best[e.get("num_labels")]["top1"]):
+            best[e.get("num_labels")] = e
+    return best
+
+
 def evaluation(run: RunFacts) -> str:
+    """Every evaluation row with its spread over the label draws, error bars per label count, and each
+    pre-trained row's gain over the strongest baseline with the same number of labels (marked)."""
     if not run.evals:
-        return note(f"no evaluations yet: run `selfsight eval knn|linear|finetune --run {run.path} ...` "
-                    "(and --init scratch for the baseline)")
-    scratch = {(e.get("kind"), e.get("num_labels")): e["top1"] for e in run.evals if e.get("init") == "scratch"}
-    rows = []
-    order = lambda e: (KIND_ORDER.get(e.get("kind"), 9), e.get("num_labels") or 0, e.get("init") == "scratch")
+        return note(f"no evaluations yet: run `selfsight eval compare --run {run.path} ...` (or "
+                    "`selfsight eval knn|linear|finetune`, with --init scratch|pixels for the baselines)")
+    strongest = strongest_baselines(run.evals)
+    order = lambda e: (e.get("num_labels") or 0, _is_baseline(e), KIND_ORDER.get(e.get("kind"), 9))
     ordered = sorted(run.evals, key=order)
+    rows, classes, figs = [], [], []
     for e in ordered:
-        base = scratch.get((e.get("kind"), e.get("num_labels")))
+        best = strongest.get(e.get("num_labels"))
         gain = ""
-        if e.get("init") != "scratch" and base is not None:
-            points = 100 * (e["top1"] - base)
+        if e is best:
+            gain = '<span class="strongest-mark">strongest baseline</span>'
+        elif not _is_baseline(e) and best is not None:
+            points = 100 * (e["top1"] - best["top1"])
             gain = f'<span class="gain-{"pos" if points >= 0 else "neg"}">{points:+.2f}</span>'
         rows.append((esc(e.get("kind", "?")), esc(e.get("init", "pretrained")), fmt(e.get("backbone")),
-                     fmt(e.get("num_labels")), fmt(e.get("num_test")), f"{100 * e['top1']:.2f}%", gain,
+                     fmt(e.get("num_labels")), fmt(e.get("num_test")), _top1_cell(e), gain,
                      fmt(e.get("minutes")), f"<code>{esc(e.get('file', ''))}</code>"))
-    classes = ["scratch" if e.get("init") == "scratch" else "" for e in ordered]
-    return table(["kind", "init", "backbone", "labels", "test images", "top-1", "vs scratch (points)", "minutes",
-                  "file"], rows, numeric=(3, 4, 5, 6, 7), row_classes=classes)
+        classes.append(("scratch" + (" strongest" if e is best else "")) if _is_baseline(e) else "")
+    for labels in sorted({e.get("num_labels") or 0 for e in ordered})[:3]:
+        group = [e for e in ordered if (e.get("num_labels") or 0) == labels]
+        bars = [(_eval_label(e), 100 * e["top1"], 100 * float(e.get("top1_std") or 0.0),
+                 "strongest" if e is strongest.get(e.get("num_labels")) else
+                 "baseline" if _is_baseline(e) else "pretrained") for e in group]
+        png = plots.evaluation_png(bars, f"{labels:,} labels: top-1, error bars 1 std over draws")
+        if png is not None:
+            figs.append(figure(png, f"evaluation with {labels} labels", show_caption=False))
+    return "".join(figs) + table(
+        ["kind", "init", "backbone", "labels", "test images", "top-1 (mean ± std)", "vs strongest baseline (points)",
+         "minutes", "file"], rows, numeric=(3, 4, 5, 6, 7), row_classes=classes)
 
 
 def matrix(labels_a: Sequence[Any], labels_b: Sequence[Any], values: Sequence[Sequence[float]]) -> str:
@@ -355,7 +398,9 @@ def render_page(runs: Sequence[RunFacts], title: str) -> str:
         section("Training curves", runs, lambda run: curves(run, keys)),
         compared(runs) if len(runs) > 1 else "",
         section("Evaluation", runs, evaluation,
-                note("top-1 on the test split; 'vs scratch' is the gain over the same protocol from random weights")),
+                note("top-1 on the test split, mean ± std over the label draws; baselines (init scratch: random "
+                     "weights, pixels: raw pixels) are grey, the strongest one highlighted; a pre-trained row's gain "
+                     "is over that strongest baseline")),
         section("Diagnostics", runs, diagnostics),
         section("Configuration", runs, config_block),
         '<footer>selfsight report: a single offline file. <span id="page-errors" hidden></span></footer>',

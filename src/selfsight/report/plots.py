@@ -146,3 +146,34 @@ def layers_png(runs: Sequence[tuple[str, Sequence[dict]]], key: str) -> bytes | 
     ax.set_ylim(bottom=0)
     ax.legend(fontsize=8)
     return _png(fig)
+
+
+def evaluation_png(rows: Sequence[tuple[str, float, float, str]], title: str) -> bytes | None:
+    """Horizontal bars of top-1 (%) with error bars of one standard deviation over the label draws.
+
+    rows: (label, mean %, std %, role) with role ``pretrained``, ``baseline`` or ``strongest`` (the
+    strongest baseline: hatched, and a dashed line across the chart at its mean). None when empty.
+    """
+    if not rows:
+        return None
+    colors = {"pretrained": COLORS[0], "baseline": "#9aa3ad", "strongest": "#6b7280"}
+    height = max(1.6, 0.36 * len(rows) + 0.9)
+    fig = Figure(figsize=(FIGSIZE[0] + 1.2, height), layout="constrained")
+    ax = fig.add_subplot()
+    ax.set_title(title, fontsize=11)
+    positions = np.arange(len(rows))[::-1]
+    means = np.array([r[1] for r in rows])
+    stds = np.array([r[2] for r in rows])
+    bars = ax.barh(positions, means, xerr=stds, color=[colors[r[3]] for r in rows], capsize=3,
+                   error_kw={"elinewidth": 1.2, "ecolor": "#1d2330"})
+    for bar, row in zip(bars, rows):
+        if row[3] == "strongest":
+            bar.set_hatch("//")
+            ax.axvline(row[1], color="#b91c1c", linestyle="--", linewidth=1.0)
+    ax.set_yticks(positions, [r[0] for r in rows], fontsize=8)
+    ax.set_xlabel("test top-1 % (mean ± std over draws)", fontsize=9)
+    lo = float(np.min(means - stds))
+    ax.set_xlim(max(0.0, lo - 5.0), min(100.0, float(np.max(means + stds)) + 2.0))
+    ax.tick_params(axis="x", labelsize=8)
+    ax.grid(True, axis="x", alpha=0.3)
+    return _png(fig)

@@ -1,0 +1,80 @@
+"""``eval compare``: every row on the same draws, the strongest baseline and the gains over it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_eval import TINY_OPTS, TINY_VIT, tiny_backbone, tiny_images
+
+from selfsight.cli import main
+from selfsight.eval import api
+from selfsight.eval.compare import ROWS, CompareConfig, compare, format_compare, summarize_rows
+
+SMALL_CNN = {"channels": (8, 8, 16, 16), "layers": (1, 1, 1, 1)}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def tiny_run(monkeypatch, tmp_path):
+    """A 'pre-trained run' (a tiny ViT) reading in-memory 'train' / 'test' sets."""
+    sets = {"train": tiny_images(seed=0), "test": tiny_images(per_class=4, seed=1)}
+    monkeypatch.setattr(api, "open_images", lambda spec, in_chans, img_size, **kw: sets[spec])
+    info = {"mean": [0.4], "std": [0.25], "method": "simmim", "checkpoint": "fake.pt"}
+    monkeypatch.setattr("selfsight.checkpoint.load_run_backbone", lambda run_dir: (tiny_backbone(seed=3), info))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"backbone": {"name": TINY_VIT, "opts": TINY_OPTS}}))
+    return run
+
+
+def test_compare_runs_every_row_on_the_same_draws(tiny_run, capsys):
+    cfg = CompareConfig(run=str(tiny_run), train_data="train", test_data="test", labels_per_class=3, draws=2,
+                        tune=False, epochs=1, device="cpu", cnn_opts=SMALL_CNN, progress=False)
+    result = compare(cfg)
+    keys = [row["key"] for row in result["rows"]]
+    assert keys == list(ROWS) and result["draws"] == 2 and result["seeds"] == [0, 1]
+    baselines = [row for row in result["rows"] if row["baseline"]]
+    strongest = max(baselines, key=lambda row: row["top1"])
+    assert result["strongest_baseline"] == strongest["key"]
+    for row in result["rows"]:
+        assert len(row["top1_draws"]) == 2 and row["num_labels"] == 12
+        assert row["top1"] == pytest.approx(sum(row["top1_draws"]) / 2)
+        if not row["baseline"]:
+            assert result["gains"][row["key"]] == pytest.approx(100 * (row["top1"] - strongest["top1"]))
+    by_key = {row["key"]: row for row in result["rows"]}
+    assert by_key["scratch_cnn"]["backbone"] == "resnet18" and by_key["raw_logreg"]["backbone"] == "pixels"
+    names = {row["key"]: row["file"].rsplit("/", 1)[-1] for row in result["rows"]}
+    assert names["scratch_same"] == "eval_finetune_scratch_12.json"
+    assert names["scratch_cnn"] == "eval_finetune_scratch_resnet18_12.json"
+    assert names["raw_knn"] == "eval_knn_pixels_12.json" and names["finetune"] == "eval_finetune_12.json"
+    saved = json.loads((tiny_run / "compare_12.json").read_text())
+    assert saved["strongest_baseline"] == result["strongest_baseline"] and len(saved["rows"]) == 7
+    assert "<- strongest baseline" in capsys.readouterr().out
+
+
+def test_summarize_rows_and_table_by_hand():
+    rows = [
+        {"key": "finetune", "label": "fine-tune", "baseline": False, "top1": 0.80, "top1_std": 0.01},
+        {"key": "raw_logreg", "label": "raw LR", "baseline": True, "top1": 0.78, "top1_std": 0.005},
+        {"key": "scratch_cnn", "label": "CNN", "baseline": True, "top1": 0.77, "top1_std": 0.02},
+    ]
+    result = {**summarize_rows(rows), "num_labels": 600, "draws": 3}
+    assert result["strongest_baseline"] == "raw_logreg"
+    assert result["gains"] == {"finetune": pytest.approx(2.0)}
+    text = format_compare(result)
+    assert "80.00 ± 1.00%" in text and "+2.00" in text and "raw LR" in text.splitlines()[-1]
+
+
+def test_compare_from_the_command_line_rejects_row_options(tmp_path, capsys):
+    code = main(["eval", "compare", "--run", str(tmp_path), "--lr", "1e-3"])
+    assert code == 2 and "--lr" in capsys.readouterr().err
+    assert main(["eval", "compare"]) == 2
