@@ -95,3 +95,17 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--version"])
     assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"selfsight {selfsight.__version__}"
+
+
+def test_paths_with_a_tilde_are_expanded(tmp_path, monkeypatch):
+    from PIL import Image
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "images").mkdir()
+    for i in range(8):
+        Image.new("L", (20, 20), 30 * i).save(tmp_path / "images" / f"{i}.png")
+    summary = selfsight.pretrain("~/images", "~/run", steps=1, device="cpu", precision="fp32", progress=False)
+    assert summary["run_dir"] == str(tmp_path / "run") and "1 input channel" in summary["auto"][0]
+    info = selfsight.export("~/run", "~/exported")
+    assert info["card"] == str(tmp_path / "exported" / "README.md")
+    assert selfsight.load_backbone("~/exported").pretrained_cfg["input_size"] == (1, 32, 32)

@@ -123,6 +123,11 @@ def test_gray_stored_as_rgb_counts_as_gray_and_sizes_follow_the_images(tmp_path,
     mixed = write_folder(tmp_path / "mixed", 10, "L")
     Image.new("RGB", (30, 30), (200, 10, 10)).save(mixed / "red.png")
     assert inspect_data(str(mixed)).in_chans == 3
+    from selfsight.data.pack import pack_folder
+
+    pack_folder(str(mixed), str(tmp_path / "shards"), shard_size=4, progress=False)
+    shards = inspect_data(str(tmp_path / "shards"))  # sampled over every shard, as the folder is
+    assert (shards.num_images, shards.in_chans, shards.sampled, shards.short_side) == (11, 3, 11, 20)
     idx = inspect_data(f"{idx_dir}:train")
     assert (idx.in_chans, idx.short_side, idx.num_images) == (1, 16, 256)
     with pytest.raises(DataError, match="nope"):
@@ -137,3 +142,27 @@ def test_size_and_budget_rules():
     assert input_size(500, cnn=True, device="cpu") == 128 and input_size(500, cnn=True, device="cuda") == 224
     assert budget_minutes(60000, "cpu") == 30 and budget_minutes(40, "cpu") == 5 and budget_minutes(10**7, "cpu") == 60
     assert budget_minutes(100, "cuda") == 10 and budget_minutes(10**7, "cuda") == 240
+
+
+def test_the_cuda_choice(tmp_path, monkeypatch):
+    """On CUDA (faked here: the choice only reads the device's memory): ResNet-50, batch by memory, 224-px cap."""
+    import types
+
+    import torch
+
+    from selfsight import autoconfig
+
+    memory = {"gb": 80}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda index: types.SimpleNamespace(total_memory=memory["gb"] * 2**30))
+    choice = choose_defaults(str(write_folder(tmp_path / "photos", 12, "RGB", size=(300, 260))), (), device="auto")
+    assert choice.options["backbone"] == "resnet50" and choice.options["method"] == "simclr"
+    assert choice.options["backbone_opts"] == {"in_chans": 3, "img_size": 224}
+    assert choice.options["minutes"] == 10.0 and choice.options["batch_size"] == 8  # 12 images
+    assert choice.overrides == []  # the CPU recipe's projector and small-image crops do not apply
+    assert "224 px" in choice.lines[0] and "within 32-224 px on CUDA" in choice.lines[0]
+    for gb, batch in ((80, 256), (40, 256), (24, 128), (8, 64)):
+        memory["gb"] = gb
+        assert autoconfig._cuda_batch("cuda:0")[0] == batch

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -50,6 +51,11 @@ def _override_items(overrides: list[str] | dict[str, Any] | None) -> list[str]:
     if isinstance(overrides, dict):
         return [f"{key}={value if isinstance(value, str) else json.dumps(value)}" for key, value in overrides.items()]
     return [str(item) for item in overrides]
+
+
+def _path(value: str | Path | None) -> str | None:
+    """A path or data spec as a string, ``~`` expanded (``"~/photos:train"`` -> ``"/home/me/photos:train"``)."""
+    return None if value is None else os.path.expanduser(str(value))
 
 
 def _backbone_opts(opts: dict[str, Any] | list[str] | None) -> dict[str, Any] | None:
@@ -116,6 +122,7 @@ def pretrain(
     from selfsight.engine import pretrain as run_pretrain
 
     items = _override_items(overrides)
+    data, out, config, monitor_data = _path(data), _path(out), _path(config), _path(monitor_data)
     if resume and out is None:
         raise ConfigError("resume needs out (the run directory to continue)")
     config_file = config
@@ -136,7 +143,7 @@ def pretrain(
         top_level = {f.name for f in dataclasses.fields(PretrainConfig)}
         given = {name for name, value in values.items() if value is not None}
         given |= {path[0] for path in (parse_override(item)[0] for item in items) if path[0] in top_level}
-        choice = choose_defaults(str(data), given, device=device, method=method,
+        choice = choose_defaults(data, given, device=device, method=method,
                                  backbone_opts=values["backbone_opts"])
         # the chosen backbone options already hold the user's own (theirs win)
         values.update({k: v for k, v in choice.options.items() if values.get(k) is None or k == "backbone_opts"})
@@ -146,7 +153,7 @@ def pretrain(
             for line in lines:
                 print(line, flush=True)
     cfg = build_config(
-        config_file, items, data=None if data is None else str(data), out=None if out is None else str(out),
+        config_file, items, data=data, out=out,
         **{k: v for k, v in values.items() if k in _PRETRAIN_OPTIONS},
     )
     summary = run_pretrain(cfg, resume=resume, progress=progress)
@@ -195,10 +202,10 @@ def evaluate(
     from selfsight.config import DEFAULT_DATA, DEFAULT_TEST_DATA
 
     common = {
-        "run": None if run is None else str(run), "train_data": train_data or DEFAULT_DATA,
-        "test_data": test_data or DEFAULT_TEST_DATA, "labels_per_class": labels_per_class,
+        "run": _path(run), "train_data": _path(train_data) or DEFAULT_DATA,
+        "test_data": _path(test_data) or DEFAULT_TEST_DATA, "labels_per_class": labels_per_class,
         "label_fraction": label_fraction, "draws": draws, "tune": tune, "seed": seed, "device": device,
-        "out": None if out is None else str(out), "progress": progress,
+        "out": _path(out), "progress": progress,
     }
     if "backbone_opts" in options:
         options["backbone_opts"] = _backbone_opts(options["backbone_opts"]) or {}
@@ -239,7 +246,7 @@ def export(run: str | Path, out: str | Path) -> dict[str, Any]:
     """
     from selfsight.checkpoint import export_run
 
-    return export_run(run, out)
+    return export_run(_path(run), _path(out))
 
 
 def _read_export_dir(path: Path) -> tuple[str, dict[str, Any], dict[str, Any], dict[str, Any]]:

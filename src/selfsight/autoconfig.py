@@ -30,7 +30,6 @@ import gzip
 import io
 import os
 import statistics
-import tarfile
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
@@ -180,18 +179,17 @@ def _idx_facts(path: str) -> DataFacts:
 
 
 def _shard_facts(root: str) -> DataFacts:
+    """Facts from up to SAMPLE_FILES images evenly spaced over all shards (read at the index's offsets)."""
     from selfsight.data.shards import read_shard_index
 
     index = read_shard_index(root)
-    first = os.path.join(root, index.names[0])
     members: list[tuple[str, Any]] = []
-    with tarfile.open(first) as tar:
-        names = [m for m in tar.getmembers() if os.path.splitext(m.name)[1].lower() not in (".cls", ".json", ".txt")]
-        for member in _even_sample(names, SAMPLE_FILES):
-            handle = tar.extractfile(member)
-            if handle is not None:
-                data = handle.read()
-                members.append((member.name, lambda data=data: Image.open(io.BytesIO(data))))
+    for i in _even_sample(list(range(index.num_samples)), SAMPLE_FILES):
+        name = index.names[index.shard_of(i)]
+        with open(os.path.join(root, name), "rb") as handle:
+            handle.seek(int(index.offsets[i]))
+            data = handle.read(int(index.sizes[i]))
+        members.append((f"{name}[{i}]", lambda data=data: Image.open(io.BytesIO(data))))
     return _facts_from_images(f"shards in {root}", index.num_samples, members)
 
 
@@ -200,8 +198,8 @@ def inspect_data(spec: str) -> DataFacts:
 
     Folders: up to 64 files, evenly spaced over the sorted listing, are opened (sizes and modes from the
     headers; up to 16 files of a colour mode are decoded small to tell colour from gray stored as RGB).
-    IDX data is grayscale at its own size; CIFAR is colour at 32 px; tar shards are sampled from their
-    first shard. Raises DataError (one line, naming the path) where ``open_images`` would.
+    IDX data is grayscale at its own size; CIFAR is colour at 32 px; tar shards are sampled over all
+    their shards. Raises DataError (one line, naming the path) where ``open_images`` would.
 
     Example:
         >>> facts = inspect_data("~/photos")  # doctest: +SKIP
@@ -286,10 +284,12 @@ def _vit_for(size: int, in_chans: int, device: str) -> tuple[str, dict[str, Any]
     return "vit_small_patch16_224", opts, f"ViT-Small ({patch}-px patches)"
 
 
-def _cuda_batch() -> tuple[int, str]:
+def _cuda_batch(device: str | None) -> tuple[int, str]:
     import torch
 
-    memory_gb = torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else 0.0
+    index = torch.device(device).index if device and str(device).startswith("cuda") else None
+    index = torch.cuda.current_device() if index is None and torch.cuda.is_available() else index or 0
+    memory_gb = torch.cuda.get_device_properties(index).total_memory / 2**30 if torch.cuda.is_available() else 0.0
     batch = 256 if memory_gb >= 40 else 128 if memory_gb >= 12 else 64
     return batch, f"{memory_gb:.0f} GB of GPU memory"
 
@@ -364,7 +364,7 @@ def choose_defaults(data: str | None, given: Collection[str] = (), device: str |
         elif dev == "cpu":
             batch, batch_why = 256, "the measured recipe's"
         else:
-            batch, memory = _cuda_batch()
+            batch, memory = _cuda_batch(device)
             batch_why = f"for {memory}"
         if batch > facts.num_images:
             batch, batch_why = _power_of_two_at_most(facts.num_images), f"at most the {facts.num_images} images"
