@@ -44,3 +44,8 @@ def test_export_writes_a_model_card_whose_snippet_runs(idx_dir, tmp_path, capsys
     with torch.no_grad():
         assert torch.equal(model(x), reference(x))
     assert f"selfsight.load_backbone({str(out)!r})" in card
+
+    # an interrupted run (no pretrain.json) still gets a card, which says so
+    (run / "pretrain.json").unlink()
+    selfsight.export(run, tmp_path / "again")
+    assert "no complete summary (pretrain.json)" in (tmp_path / "again" / "README.md").read_text()

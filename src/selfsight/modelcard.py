@@ -172,7 +172,8 @@ def model_card(run_dir: str | Path, out_dir: str | Path, config: dict[str, Any])
     else:
         lines.append(f"- `{run_config.get('data', '?')}` (no data summary in run.json)")
     lines += ["", "## Budget", ""]
-    if summary:
+    needed = ("steps", "images_seen", "minutes", "img_per_s", "final_loss")
+    if summary and all(isinstance(summary.get(key), int | float) for key in needed):
         epochs = ""
         if data.get("num_images"):
             epochs = f", {summary['images_seen'] / data['num_images']:.1f} epochs"
@@ -180,8 +181,11 @@ def model_card(run_dir: str | Path, out_dir: str | Path, config: dict[str, Any])
                      f"{summary['minutes']:.1f} min at {summary['img_per_s']:.0f} img/s, "
                      f"{summary.get('processes', 1)} process(es); "
                      f"final loss {summary['final_loss']:.4f}, {summary.get('skipped_steps', 0)} skipped step(s)")
+        if step is not None and step != summary["steps"]:
+            lines.append(f"- exported from step {step} (the run's summary is of step {summary['steps']})")
     else:
-        lines.append(f"- the run has not finished (no pretrain.json); exported from step {step}")
+        lines.append(f"- no complete summary (pretrain.json) in the run: unfinished or interrupted; exported "
+                     f"from step {step}")
     for key in ("steps", "epochs", "minutes"):
         if run_config.get(key) is not None:
             lines.append(f"- budget asked for: {key} = {run_config[key]}")
