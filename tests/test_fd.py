@@ -145,6 +145,23 @@ def test_targets_are_the_teachers_normed_tokens_resized_and_whitened(teacher_exp
     assert method.predictions(x).shape == (4, 17, 24)
 
 
+def test_student_learns_to_predict_the_teacher(teacher_export):
+    """20 AdamW steps on one batch: the loss falls and the prediction turns towards the whitened target
+    (measured: loss 0.336 -> 0.156, cosine -0.01 -> 0.61)."""
+    torch.manual_seed(0)
+    method = make_fd(teacher_export)
+    optimizer = torch.optim.AdamW(method.param_groups(0.05), lr=2e-3)
+    outs = []
+    for _ in range(20):
+        out = method.training_step(images(16), gen())
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        outs.append((out.loss.item(), out.metrics["target_cosine"]))
+    assert outs[-1][0] < 0.7 * outs[0][0]
+    assert abs(outs[0][1]) < 0.2 and outs[-1][1] > 0.4
+
+
 def test_grids_that_differ_are_refused_when_resizing_is_off(teacher_export):
     with pytest.raises(ConfigError, match="grid"):
         make_fd(teacher_export, resize_teacher_map=False)

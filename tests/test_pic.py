@@ -80,6 +80,23 @@ def test_small_crops_leave_the_classifier_gradient_zero(backbone_spec):
     assert any(not torch.allclose(p.grad, g, atol=1e-7) for p, g in zip(method.backbone.parameters(), full_backbone))
 
 
+def test_classifier_learns_the_instances():
+    """30 AdamW steps on the same 16 images and views: the loss falls well below chance, ln 16 = 2.77
+    (measured: 3.72 -> 2.26)."""
+    torch.manual_seed(0)
+    method = make_pic(TINY_VIT, num_images=16)
+    optimizer = torch.optim.AdamW(method.param_groups(0.0), lr=5e-3)
+    losses = []
+    for _ in range(30):
+        method.batch_indices = torch.arange(16)
+        out = method.training_step(images(16), gen())
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(out.loss.item())
+    assert losses[-1] < losses[0] - 0.8 and losses[-1] < math.log(16) - 0.2
+
+
 def test_small_crops_are_small_on_cnns():
     method = make_pic(TINY_CNN)
     assert [v.shape[-1] for v in method.views(images(), gen())] == [16, 10, 10]  # 16 * 96 / 160
