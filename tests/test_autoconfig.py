@@ -56,11 +56,15 @@ def test_one_line_on_a_folder_chooses_from_the_images_and_trains(tmp_path, capsy
     assert config["batch_size"] == 32 and config["steps"] == 2 and config["minutes"] is None
     assert config["method_config"]["crop_scale"] == [0.5, 1.0]
 
-    model = selfsight.load_backbone(run)
-    assert model.pretrained_cfg["input_size"] == (channels, 32, 32) and len(model.pretrained_cfg["mean"]) == channels
+    code, out, err = run_cli(["export", str(run), "--out", str(tmp_path / "exported")], capsys)
+    assert code == 0, err
     import torch
 
-    assert model(torch.zeros(2, channels, 32, 32)).shape == (2, 256)
+    for source in (run, tmp_path / "exported"):
+        model = selfsight.load_backbone(source)
+        assert model.pretrained_cfg["input_size"] == (channels, 32, 32)
+        assert len(model.pretrained_cfg["mean"]) == channels
+        assert model(torch.zeros(2, channels, 32, 32)).shape == (2, 256)
 
 
 def test_the_recorded_choice_repeats_the_run(tmp_path, capsys):
