@@ -8,8 +8,10 @@ window the images are shuffled (a generator seeded from (seed, k)) and cut into 
 
 The official sampler (``bl0/PIC``, ``contrast/data/sampler.py``) takes the modulus with ``len(self)``,
 which is W, not N: its window never leaves the first W images of the permutation (only rotates inside
-them), and with ``--shuffle-per-epoch`` each of its "epochs" is a fresh random W-image subset. Here the
-modulus is N, so the window slides through the whole data set as the paper intends.
+them), and with ``--shuffle-per-epoch`` (which reshuffles all N whenever its start index is not 0) each of
+its "epochs" is a fresh random W-image subset, unrelated to the last, except every (W / S)-th, which
+repeats the one before. Here the modulus is N, so the window slides through the whole data set as the
+paper intends. Not ported: reshuffling the permutation between passes (one permutation, drawn once).
 
 Everything here is a pure function of (seed, window, batch), like ``selfsight.data.loader.BatchIndexer``,
 so a resumed run sees exactly the same data. ``WindowBatchIndexer`` has BatchIndexer's interface
