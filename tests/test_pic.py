@@ -145,14 +145,19 @@ def test_ranks_mean_loss_and_gradient_are_the_global_ones():
     assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(got, expected, strict=True))
 
 
-def test_classifier_memory_is_reported_and_refused_when_too_large(caplog):
+def test_classifier_memory_is_reported_and_refused_when_too_large(caplog, monkeypatch):
     memory = classifier_memory(1_281_167, 128, 4)  # ImageNet-1k
     assert memory["classifier_gib"] == pytest.approx(16 * 1_281_167 * 128 / 2**30)  # about 2.4 GiB
     with caplog.at_level(logging.INFO, logger="selfsight"):
         make_pic(num_images=1000)
     assert any("PIC classifier: 1000 images x 16 dims" in r.getMessage() for r in caplog.records)
+    monkeypatch.setattr("selfsight.methods.pic.device_memory_gib", lambda: 64.0)
     with pytest.raises(ConfigError, match=r"needs 7\.6 GiB .*max_classifier_gib=4"):
         make_pic(num_images=4_000_000, feature_dim=128, max_classifier_gib=4.0)
+    monkeypatch.setattr("selfsight.methods.pic.device_memory_gib", lambda: 2.0)  # a small device
+    with pytest.raises(ConfigError, match=r"needs 7\.6 GiB .*above the 2\.0 GiB of the training device"):
+        make_pic(num_images=4_000_000, feature_dim=128)
+    assert make_pic(num_images=100_000, feature_dim=128).classifier.shape == (100_000, 128)  # 0.19 GiB fits
 
 
 def test_sliding_window_hand_computed():

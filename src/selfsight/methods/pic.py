@@ -21,7 +21,8 @@ window size, so its window never slides (see ``selfsight.data.windows``); this o
 
 Memory: the classifier costs 16 N D bytes in training (weights, gradient, AdamW's two moments), and the
 logits 4 N bytes per view in each of their forward and backward tensors. Both are logged when the method
-is built; a classifier above ``max_classifier_gib`` is refused with the numbers.
+is built; a classifier above ``max_classifier_gib`` or above the training device's memory (the CUDA
+device's, else the machine's RAM) is refused with the numbers.
 
 Not implemented (never released in the official code): the paper's negative-class sampling and
 classification-weight update correction (section 3.2); every step scores against all N classes.
@@ -34,6 +35,8 @@ gradients its gradient, so no gather is needed.
 from __future__ import annotations
 
 import logging
+import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -61,6 +64,17 @@ def instance_logits(features: torch.Tensor, weight: torch.Tensor, temperature: f
     if not temperature > 0:
         raise ConfigError(f"temperature must be > 0, got {temperature}")
     return F.normalize(features, dim=1) @ F.normalize(weight, dim=1).t() / temperature
+
+
+def device_memory_gib() -> float:
+    """GiB of the memory a run trains in by default: the current CUDA device's when there is one, else the
+    machine's RAM (inf when unknown)."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / GIB
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
+    except (AttributeError, ValueError, OSError):
+        return math.inf
 
 
 def classifier_memory(num_images: int, dim: int, views: int) -> dict[str, float]:
@@ -124,11 +138,14 @@ class PIC(Method):
             "%.2f MiB per image of a batch",
             c.num_images, c.feature_dim, memory["classifier_gib"], memory["logits_gib_per_image"] * 1024,
         )
-        if memory["classifier_gib"] > c.max_classifier_gib:
+        available = device_memory_gib()
+        if memory["classifier_gib"] > min(c.max_classifier_gib, available):
+            limit = (f"max_classifier_gib={c.max_classifier_gib}" if c.max_classifier_gib <= available
+                     else f"the {available:.1f} GiB of the training device")
             raise ConfigError(
                 f"PIC's classifier for {c.num_images} images x {c.feature_dim} dims needs "
                 f"{memory['classifier_gib']:.1f} GiB in training (weights, gradient, AdamW moments), above "
-                f"max_classifier_gib={c.max_classifier_gib}; lower feature_dim, train on fewer images, or raise "
+                f"{limit}; it does not fit: lower feature_dim, train on fewer images, or raise "
                 "max_classifier_gib if the device holds it"
             )
         self.head = MLPHead(backbone.num_features, c.hidden_dim, c.feature_dim, batch_norm=False)
