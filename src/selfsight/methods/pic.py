@@ -11,13 +11,17 @@ blur 0.5 (the official ``MultiCrop`` transform). Small crops of one size go thro
 (the official code runs each crop separately: BatchNorm then sees B images, not 3B).
 
 Image identity: ``training_step(images, generator)`` reads the data-set indices of this rank's images
-from ``self.batch_indices`` (int64 [B]), which the engine sets before every micro-step; the step
+from ``self.batch_indices`` (int64 [B]), to be set by the engine before every micro-step; the step
 consumes it, so a batch without indices is refused instead of silently trained on stale labels. The
-number of images (the classifier's rows) is ``Config.num_images``, filled in by the engine from the
-data set (or given). The sliding-window data scheduler is ``selfsight.data.windows``; ``batch_indexer``
-gives the data stream the order PIC wants (window 131,072 images, stride 16,384: each image comes back in
-8 consecutive windows, so its classifier row is updated often). The official sampler's modulus is the
-window size, so its window never slides (see ``selfsight.data.windows``); this one slides as the paper says.
+number of images (the classifier's rows) is ``Config.num_images``, to be filled in by the engine from
+the data set (or given). Not yet: ``selfsight.engine`` hands a method its images only, so ``selfsight
+pretrain --method pic`` stops (without ``num_images=N`` when the method is built, with it at the first
+step); tests/test_pic.py's ``IndexedTrainer`` is the engine with the change it needs.
+
+The sliding-window data scheduler is ``selfsight.data.windows``; ``batch_indexer`` gives the data stream
+the order PIC wants (window 131,072 images, stride 16,384: each image comes back in 8 consecutive
+windows, so its classifier row is updated often). The official sampler's modulus is the window size, so
+its window never slides (see ``selfsight.data.windows``); this one slides as the paper says.
 
 Memory: the classifier costs 16 N D bytes in training (weights, gradient, AdamW's two moments), and the
 logits 4 N bytes per view in each of their forward and backward tensors. Both are logged when the method
@@ -25,7 +29,8 @@ is built; a classifier above ``max_classifier_gib`` or above the training device
 device's, else the machine's RAM) is refused with the numbers.
 
 Not implemented (never released in the official code): the paper's negative-class sampling and
-classification-weight update correction (section 3.2); every step scores against all N classes.
+classification-weight update correction (section 3.2); every step scores against all N classes. The
+classifier gets the run's weight decay like any weight matrix (the official SGD decays it too).
 
 Data parallelism: each rank scores its own views against all N classes (the classifier is replicated
 like any parameter); the mean of the ranks' losses is the global-batch loss and DDP's mean of the
