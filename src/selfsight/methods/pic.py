@@ -184,8 +184,8 @@ class PIC(Method):
         indices, self.batch_indices = self.batch_indices, None
         if indices is None:
             raise TrainingError(
-                "PIC needs the data-set index of every image of a batch: the engine sets method.batch_indices "
-                "before each training_step (see selfsight.methods.pic)"
+                "PIC needs the data-set index of every image of a batch, set on method.batch_indices before each "
+                "training_step; selfsight's engine does not pass them yet (see selfsight.methods.pic)"
             )
         if indices.shape != (batch,):
             raise TrainingError(f"batch_indices must be [{batch}], got {tuple(indices.shape)}")
