@@ -124,6 +124,8 @@ def test_refuses_layers_it_cannot_make_sparse_by_name():
 
 def test_unused_classifier_parameters_are_frozen_and_every_other_gets_a_gradient():
     model = make(CONVNEXT)
+    no_decay = {id(p) for p in model.param_groups(0.05)[1]["params"]}
+    assert all(id(token) in no_decay for token in model.mask_tokens)  # like norms and biases
     assert not any(p.requires_grad for p in model.backbone.model.head.parameters())  # ConvNeXt's head norm
     images = torch.randint(0, 256, (4, 1, 64, 64), dtype=torch.uint8)
     model.training_step(images, torch.Generator().manual_seed(0)).loss.backward()
@@ -161,9 +163,10 @@ def test_export_is_the_plain_timm_model(idx_dir, tmp_path):
 def test_bf16_and_compile_runs(idx_dir, tmp_path, monkeypatch):
     from selfsight.engine import pretrain
 
-    bf16 = tmp_path / "bf16"
-    pretrain(spark_config(idx_dir, bf16, spec=CONVNEXT, steps=2, precision="bf16"), progress=False)
-    assert all(math.isfinite(v) for v in losses(bf16))
+    for name, spec in (("resnet", RESNET), ("convnext", CONVNEXT)):
+        bf16 = tmp_path / f"bf16-{name}"
+        pretrain(spark_config(idx_dir, bf16, spec=spec, steps=2, precision="bf16"), progress=False)
+        assert all(math.isfinite(v) for v in losses(bf16))
     original = torch.compile  # dynamo's eager backend (see test_engine)
     monkeypatch.setattr(torch, "compile", lambda model, **kw: original(model, **{**kw, "backend": "eager"}))
     plain, compiled = tmp_path / "plain", tmp_path / "compiled"

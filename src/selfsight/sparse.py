@@ -174,7 +174,12 @@ def sparse_class(cls: type) -> type:
     """The sparse subclass of ``cls`` (cached, so every instance of one class gets the same class)."""
     if cls not in _SPARSE_CLASSES:
         mixin = _MaskOutputNHWC if issubclass(cls, MASK_NHWC) and not issubclass(cls, LayerNorm2d) else _MaskOutput
-        _SPARSE_CLASSES[cls] = type(f"Sparse{cls.__name__}", (mixin, cls), {"__module__": __name__})
+        name = f"Sparse{cls.__name__}"
+        while name in globals():  # another class of the same name (from another module)
+            name += "_"
+        sparse = type(name, (mixin, cls), {"__module__": __name__, "__qualname__": name})
+        globals()[name] = sparse  # importable by name: whole-model pickles (torch.save(model)) work
+        _SPARSE_CLASSES[cls] = sparse
     return _SPARSE_CLASSES[cls]
 
 

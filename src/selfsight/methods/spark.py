@@ -35,7 +35,7 @@ import torch
 from timm.layers import LayerNorm2d
 from torch import nn
 
-from selfsight.backbones import Backbone
+from selfsight.backbones import Backbone, param_groups
 from selfsight.errors import ConfigError
 from selfsight.masking import keep_mask, spark_num_kept, upsample_mask
 from selfsight.methods.base import Method, StepOutput
@@ -214,6 +214,11 @@ class SparK(OneViewMixin, Method):
         norm.__class__ = sparse_class(LayerNorm2d)
         norm.sparse_state = self.sparse_state
         return norm
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW groups (``Method.param_groups``), with the per-level mask tokens in the no-decay group."""
+        skip = self.backbone.no_weight_decay_names() | {f"mask_tokens.{i}" for i in range(len(self.mask_tokens))}
+        return param_groups(self, weight_decay, skip)
 
     # --- masking ------------------------------------------------------------------------------
     def make_mask(self, batch_size: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
