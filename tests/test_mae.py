@@ -122,6 +122,10 @@ def test_mask_count_follows_mae_rule():
     mask = model.make_mask(6, torch.Generator().manual_seed(2), "cpu")
     assert mask.shape == (6, 4, 4) and (mask.flatten(1).sum(1) == 12).all()
     assert not torch.equal(mask[0], mask[1])
+    # the visible patches are MAE's: ids_shuffle = argsort(noise), the first len_keep kept
+    noise = torch.rand(6, 16, generator=torch.Generator().manual_seed(2))
+    kept = noise.argsort(dim=1)[:, :4].sort(dim=1).values
+    assert torch.equal((~mask.flatten(1)).nonzero()[:, 1].view(6, 4), kept)
     with pytest.raises(ConfigError, match="no visible"):
         mae_num_kept(4, 0.9)
 
@@ -139,6 +143,9 @@ def test_visible_encoding_does_not_see_masked_pixels(extra):
     pixel_mask = mask.repeat_interleave(4, 1).repeat_interleave(4, 2).unsqueeze(1)
     changed = torch.where(pixel_mask, torch.randn_like(x) * 9, x)
     keep = (~mask.flatten(1)).nonzero()[:, 1].view(2, -1)
+    # with every patch kept in order, the wrapped encoder is timm's own forward_features
+    every = torch.arange(16).expand(2, -1)
+    assert torch.allclose(model.encode(x, every), model.backbone.model.forward_features(x), atol=1e-5)
     a, b = model.encode(x, keep), model.encode(changed, keep)
     assert a.shape == (2, prefix + 4, 32)
     assert torch.allclose(a, b, atol=1e-6)

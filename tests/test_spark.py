@@ -52,6 +52,38 @@ def test_sparse_batchnorm_matches_the_hand_computed_case():
     assert torch.allclose(bn(x), reference(x)) and torch.allclose(bn.running_var, reference.running_var)
 
 
+def test_sparse_batchnorm_matches_batchnorm1d_on_the_active_rows():
+    """The official formulation (``SparseBatchNorm2d`` of SparK's encoder.py): BatchNorm1d on the [N, C] rows of
+    the active positions, scattered back into zeros; outputs, running statistics and gradients agree."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, 4, 4, generator=generator) * 2 + 1
+    active = torch.rand(4, 1, 2, 2, generator=generator) < 0.5
+    active[0, 0, 0, 0] = True
+    state = SparseState()
+    ours = SparseBatchNorm2d.create(3, state)
+    reference = nn.BatchNorm1d(3)
+    with torch.no_grad():
+        for norm in (ours, reference):
+            norm.weight.copy_(torch.tensor([0.5, 1.0, 2.0]))
+            norm.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with state.use(active):
+        y = ours(a)
+        ii = state.at(4, 4)[:, 0]  # [B, H, W]
+    rows = b.permute(0, 2, 3, 1)[ii]
+    out = torch.zeros_like(b.permute(0, 2, 3, 1))
+    out[ii] = reference(rows)
+    expected = out.permute(0, 3, 1, 2)
+    assert torch.allclose(y, expected, atol=1e-5)
+    assert torch.allclose(ours.running_mean, reference.running_mean)
+    assert torch.allclose(ours.running_var, reference.running_var)
+    weights = torch.randn(4, 3, 4, 4, generator=generator)
+    (y * weights).sum().backward()
+    (expected * weights).sum().backward()
+    assert torch.allclose(a.grad, b.grad, atol=1e-5)
+    assert torch.allclose(ours.weight.grad, reference.weight.grad, atol=1e-5)
+
+
 def test_mask_keeps_round_of_the_visible_fraction():
     assert spark_num_kept(4, 0.6) == 2 and spark_num_kept(49, 0.6) == 20 and spark_num_kept(16, 0.6) == 6
     model = make()  # 64 px / 32: a 2x2 grid, round(4 * 0.4) = round(1.6) = 2 visible
