@@ -5,7 +5,8 @@ slides through the whole data set, unlike the official sampler), and PIC in the 
 The engine as it is gives a method no image indices and streams epochs, not windows; ``IndexedTrainer``
 below is the engine with the change PIC asks for (each micro-step's image indices set on
 ``method.batch_indices``; the batches drawn in ``method.batch_indexer``'s order), so resume, bf16 and
-export are checked through the engine's loop, checkpoints and schedule.
+export are checked through the engine's loop, checkpoints and schedule. Once the engine sets the indices
+itself, ``IndexedTrainer`` is the engine's own Trainer.
 
 References: Cao et al. 2020 and the official ``bl0/PIC`` (``contrast/models/PIC.py``: logits
 ``normalize(f) @ normalize(W).T / T``, the small crops against ``W.detach()``; ``contrast/data/sampler.py``).
@@ -13,6 +14,7 @@ References: Cao et al. 2020 and the official ``bl0/PIC`` (``contrast/models/PIC.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import json
 import logging
@@ -205,7 +207,11 @@ def test_pic_asks_for_the_window_order_cut_to_the_data():
 # ---------------------------------------------------------------- in the engine (with the change PIC asks for)
 
 
-class IndexedTrainer(Trainer):
+#: True once the engine sets ``method.batch_indices`` itself; then the tests below run the engine as it is
+ENGINE_PASSES_INDICES = "batch_indices" in inspect.getsource(Trainer._forward_backward)
+
+
+class _IndexedTrainer(Trainer):
     """The engine with the data change PIC needs: the batches come in ``method.batch_indexer``'s order (or
     the usual epochs) and each micro-step's image indices are set on ``method.batch_indices`` right before
     its step (``_forward_backward`` takes the next batch, then calls the step)."""
@@ -218,6 +224,9 @@ class IndexedTrainer(Trainer):
             pixels, sources = self.images.load_batch(indexer.indices(batch))
             self.method.batch_indices = sources.to(self.device)
             yield pixels.to(self.device), None
+
+
+IndexedTrainer = Trainer if ENGINE_PASSES_INDICES else _IndexedTrainer
 
 
 def pic_config(idx_dir, out, **kw):
