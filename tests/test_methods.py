@@ -273,6 +273,7 @@ def cnn_config(idx_dir, out, method, **kw):
         ckpt_every=3,
         device="cpu",
         num_workers=0,
+        precision="fp32",  # not auto: its timed probe could pick bf16 for one run and fp32 for another
     )
     base.update(kw)
     overrides = [f"method.{k}={json.dumps(v)}" for k, v in SMALL[method].items()]
