@@ -20,10 +20,12 @@ Modeling"), on timm ResNets and ConvNeXts (any CNN whose ``feature_info`` gives 
 
 The exported encoder is the plain timm model: the swaps change module classes only, not the state dict.
 
-Optimiser recipe of the paper (global in selfsight, so pass it): AdamW, betas (0.9, 0.95), lr = 2e-4 x
-batch / 256, weight decay 0.04 -> 0.2 on a cosine schedule (selfsight's weight decay is constant: the
-paper's start value 0.04 is the closest), e.g. ``optim.betas=[0.9,0.95] optim.lr=1e-4 optim.weight_decay=0.04``
-at batch 128. Crops scale (0.67, 1) and a flip. Small models gain less from SparK than large ones.
+Optimiser recipe of the official code (``pretrain/utils/arg_util.py``; global in selfsight, so pass it): LAMB
+with betas (0.9, 0.95) for ResNets, (0.9, 0.999) for ConvNeXts, lr = 2e-4 x batch / 256, 40 warm-up epochs then
+cosine, gradient clipping at 5, weight decay 0.04 -> 0.2 on a cosine schedule, no decay on mask tokens, norms
+and biases. selfsight trains with AdamW and a constant weight decay: ``optim.betas=[0.9,0.95] optim.lr=1e-4
+optim.weight_decay=0.04`` at batch 128 is the closest. Crops scale (0.67, 1) and a flip. Small models gain
+less from SparK than large ones.
 """
 
 from __future__ import annotations
@@ -78,11 +80,13 @@ class LightDecoder(nn.Module):
         widths = [width // 2**i for i in range(n + 1)]
         self.blocks = nn.ModuleList([UNetBlock(a, b) for a, b in zip(widths[:-1], widths[1:], strict=True)])
         self.proj = nn.Conv2d(widths[-1], out_chans, kernel_size=1)
-        for m in self.modules():  # SparK's decoder initialisation
-            if isinstance(m, nn.Conv2d | nn.ConvTranspose2d):
+        for m in self.modules():  # SparK's decoder initialisation (BatchNorm: ones and zeros, torch's own)
+            if isinstance(m, nn.Conv2d):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+            elif isinstance(m, nn.ConvTranspose2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+            if isinstance(m, nn.Conv2d | nn.ConvTranspose2d) and m.bias is not None:
+                nn.init.zeros_(m.bias)
 
     def forward(self, levels: list[torch.Tensor]) -> torch.Tensor:
         """levels: densified maps from the smallest ([B, width, h, w]) up, level i [B, width / 2**i, h 2**i,
