@@ -163,6 +163,11 @@ def test_bad_files_met_while_streaming_are_counted(tmp_path, workers):
     assert "cannot identify image file" in stream.bad_files[0][1] or "Error" in stream.bad_files[0][1]
     summary = images.summary()
     assert summary["num_skipped"] == 1 and summary["skipped"][0]["path"] == bad
+    # this process's copy now knows the file: a later stream's workers skip it without trying, report nothing
+    again = BatchStream(images, 10, SEED, num_workers=workers, views=views)
+    for _ in zip(range(again.batches_per_epoch), again):
+        pass
+    assert again.bad_files == [] and images.summary()["num_skipped"] == 1
 
 
 def test_pretrain_writes_bad_files_met_by_workers_into_run_json(tmp_path, monkeypatch):

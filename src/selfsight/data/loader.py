@@ -212,6 +212,8 @@ class BatchStream:
                 loaded = _load(self.images, indexer.indices(batch))
                 yield _pin(loaded) if self.pin_memory else loaded
             return
+        if isinstance(self.images, LazyImages):
+            self.images.take_new_bad_files()  # met before this stream (already in `skipped`): not reported
         loader = DataLoader(
             _GlobalBatches(self.images, indexer, self.views if self.builds_views else None),
             batch_size=None,  # items are whole batches already
