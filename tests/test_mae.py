@@ -187,6 +187,7 @@ def test_decoder_defaults_paper_for_wide_encoders_smaller_otherwise():
     ("resnet18", {"in_chans": 1}, "spark"),
     ("convnext_atto", {}, "spark"),
     (TINY_VIT[0], {**TINY_VIT[1], "dynamic_img_size": True}, "dynamic_img_size"),
+    (TINY_VIT[0], {**TINY_VIT[1], "patch_drop_rate": 0.5}, "patch_drop_rate"),
 ])
 def test_refuses_what_cannot_drop_tokens(name, opts, hint):
     with pytest.raises(ConfigError, match=hint):

@@ -86,6 +86,8 @@ def check_mae_backbone(backbone: Backbone) -> None:
     m = backbone.model
     if getattr(m, "dynamic_img_size", False):
         raise ConfigError("MAE needs a ViT of fixed input size: build it without dynamic_img_size")
+    if not isinstance(getattr(m, "patch_drop", nn.Identity()), nn.Identity):
+        raise ConfigError("MAE drops the masked patches itself: build the ViT without patch_drop_rate")
     prefix = (m.cls_token is not None) + (0 if m.reg_token is None else m.reg_token.shape[1])
     if prefix != backbone.num_prefix_tokens:
         raise ConfigError(
