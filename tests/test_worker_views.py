@@ -35,12 +35,16 @@ SMALL = {
     "moby": {"proj_hidden_dim": 32, "proj_dim": 16, "pred_hidden_dim": 32, "queue_size": 48},
     "dino": {"out_dim": 64, "hidden_dim": 32, "bottleneck_dim": 16, "num_local_crops": 2},
     "simmim": {},
+    "mae": {},
+    "spark": {},
 }
+# SparK masks on the stride-32 grid: 64 px leaves a visible cell at mask ratio 0.6
+SPARK_CNN = ("resnet18", {"in_chans": 3, "img_size": 64, "channels": (8, 16, 16, 32)})
 
 
 def make(name: str):
     torch.manual_seed(0)
-    backbone = Backbone(*(TINY_VIT if name == "simmim" else TINY_CNN))
+    backbone = Backbone(*{"simmim": TINY_VIT, "mae": TINY_VIT, "spark": SPARK_CNN}.get(name, TINY_CNN))
     config = get_method_class(name).Config(**SMALL[name])
     return create_method(name, backbone, config, [0.45, 0.5, 0.55], [0.2, 0.25, 0.3])
 
@@ -115,10 +119,12 @@ def test_each_rank_s_worker_views_are_its_rows_of_the_one_process_views(lazy, na
             assert torch.equal(rank_later, later[rows])
 
 
-@pytest.mark.parametrize("name", ["simclr", "byol", "mocov2", "mocov3", "moby", "dino", "simmim"])
+@pytest.mark.parametrize("name", ["simclr", "byol", "mocov2", "mocov3", "moby", "dino", "simmim", "mae", "spark"])
 def test_every_method_trains_on_prepared_views_as_on_images(name):
+    """(FD needs a teacher run and PIC image indices from the engine: both call ``self.views`` too.)"""
     method = make(name)
-    images = torch.randint(0, 256, (4, 3, SIZE, SIZE), generator=torch.Generator().manual_seed(1)).to(torch.uint8)
+    side = method.backbone.img_size
+    images = torch.randint(0, 256, (4, 3, side, side), generator=torch.Generator().manual_seed(1)).to(torch.uint8)
     prepared = worker_views_for(method, torch.device("cpu"), partial(step_generator, SEED)).prepare(images, 3)
     twin = copy.deepcopy(method)
     torch.manual_seed(2)
