@@ -1,98 +1,93 @@
-"""SimMIM pre-training on Fashion-MNIST (no labels), then 600-label fine-tuning: pre-trained against
-scratch with the same fine-tuning recipe and budget, over several seeds.
+"""Few-label fine-tuning on Fashion-MNIST, before and after LP-FT, over several label draws, next to the baselines.
 
-    .venv/bin/python benchmarks/fmnist_few_labels.py --minutes 30 --seeds 0 1 2
+    # pre-train once (or reuse any run), then:
+    .venv/bin/python benchmarks/fmnist_few_labels.py --run runs/simmim_demo_1000 --draws 5
+    .venv/bin/python benchmarks/fmnist_few_labels.py --run RUN --recipes old lpft --compare
 
-The seed picks both the labeled subset (60 per class) and the fine-tuning randomness; pre-trained and
-scratch runs of one seed see the same labeled images. Results: OUT/results.json and a markdown table.
+For each recipe (``old``: zero head, lr 1e-3, layer decay 0.75, the default before 2026-11-28;
+``lpft``: the current default for a pre-trained backbone) the run's backbone is fine-tuned on
+``--draws`` labeled subsets (seeds 0, 1, ...; 60 labels per class by default) and scored on the whole
+test set. ``--scratch`` adds the run's architecture fine-tuned from random weights (scratch recipe)
+on the same draws; ``--compare`` runs ``selfsight eval compare`` (every baseline). Tuning is off unless
+``--tune``: each fine-tune then costs about 3.4 times as much. Writes OUT/results.json and prints a
+markdown table with each draw, mean ± std, and the train-loss curve of each recipe's worst draw.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
-import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from selfsight.checkpoint import list_checkpoints
-from selfsight.config import DEFAULT_DATA_DIR, build_config
-from selfsight.engine import pretrain
+from selfsight.config import DEFAULT_DATA_DIR
 from selfsight.eval.api import EvalConfig, evaluate
+from selfsight.eval.compare import CompareConfig, compare
 
-RAW_PIXEL_LOGREG_600 = 0.786  # logistic regression on raw pixels, same 600 labels, measured on this machine
+RECIPES = {
+    "old": {"head_init": "zero", "lr": 1e-3, "layer_decay": 0.75},
+    "lpft": {},  # the defaults (FINETUNE_DEFAULTS)
+}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--minutes", type=float, default=30.0, help="pre-training budget")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--run", required=True, help="a finished pre-training run")
+    parser.add_argument("--draws", type=int, default=5)
     parser.add_argument("--labels-per-class", type=int, default=60)
-    parser.add_argument("--finetune-epochs", type=int, default=None, help="default: the eval default")
+    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    parser.add_argument("--epochs", type=int, default=None, help="default: the recipe's (50)")
+    parser.add_argument("--scratch", action="store_true", help="also fine-tune the architecture from scratch")
+    parser.add_argument("--compare", action="store_true", help="also run eval compare (all baselines)")
+    parser.add_argument("--tune", action="store_true", help="tune the fine-tuning lr on a validation split")
     parser.add_argument("--data-dir", default=DEFAULT_DATA_DIR)
-    parser.add_argument("--out", default="runs/bench_fmnist_few_labels")
-    parser.add_argument("overrides", nargs="*", help="pre-training config overrides, key=value")
+    parser.add_argument("--out", default=None, help="default RUN/few_labels")
     args = parser.parse_args()
 
-    out = Path(args.out)
-    run = out / "pretrain"
-    cfg = build_config(None, args.overrides, data=f"{args.data_dir}:train", out=str(run), minutes=args.minutes)
+    out = Path(args.out or Path(args.run) / "few_labels")
+    data = dict(train_data=f"{args.data_dir}:train", test_data=f"{args.data_dir}:test",
+                labels_per_class=args.labels_per_class, draws=args.draws, tune=args.tune, progress=False)
     started = time.time()
-    if (run / "pretrain.json").is_file():
-        pre = json.loads((run / "pretrain.json").read_text())
-    else:
-        pre = pretrain(cfg, resume=bool(list_checkpoints(run)))
-
-    common = dict(train_data=f"{args.data_dir}:train", test_data=f"{args.data_dir}:test",
-                  labels_per_class=args.labels_per_class, epochs=args.finetune_epochs)
-    rows = []
-    for seed in args.seeds:
-        tuned = evaluate(EvalConfig(kind="finetune", run=str(run), seed=seed, out=str(out / f"seed{seed}"), **common))
-        scratch = evaluate(EvalConfig(kind="finetune", init="scratch", backbone=cfg.backbone,
-                                      backbone_opts=cfg.backbone_opts, seed=seed, out=str(out / f"seed{seed}"),
-                                      **common))
-        rows.append({"seed": seed, "pretrained": tuned["top1"], "scratch": scratch["top1"],
-                     "finetune_minutes": tuned["minutes"], "scratch_minutes": scratch["minutes"]})
-    probes = {kind: evaluate(EvalConfig(kind=kind, run=str(run), out=str(out), seed=0,
-                                        **{k: v for k, v in common.items() if k != "epochs"}))["top1"]
-              for kind in ("knn", "linear")}
-
-    pre_acc = [r["pretrained"] for r in rows]
-    scr_acc = [r["scratch"] for r in rows]
-    spread = lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0
-    gain = statistics.mean(pre_acc) - statistics.mean(scr_acc)
-    result = {
-        "command": "python benchmarks/fmnist_few_labels.py " + " ".join(
-            [f"--minutes {args.minutes:g}", "--seeds " + " ".join(map(str, args.seeds)), *args.overrides]),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                    "threads": torch.get_num_threads()},
-        "pretrain": pre,
-        "config": {"backbone": cfg.backbone, "backbone_opts": {k: list(v) if isinstance(v, tuple) else v
-                                                               for k, v in cfg.backbone_opts.items()},
-                   "lr": cfg.optim.lr, "batch_size": cfg.batch_size, "method": cfg.method_config.__dict__},
-        "seeds": rows,
-        "pretrained_mean": statistics.mean(pre_acc), "pretrained_std": spread(pre_acc),
-        "scratch_mean": statistics.mean(scr_acc), "scratch_std": spread(scr_acc),
-        "gain_points": 100 * gain,
-        "knn_top1_600": probes["knn"], "linear_top1_600": probes["linear"],
-        "goal_gain_3_points": gain >= 0.03,
-        "goal_above_raw_pixel_logreg": statistics.mean(pre_acc) > RAW_PIXEL_LOGREG_600,
-        "wall_minutes": round((time.time() - started) / 60, 1),
-    }
+    results: dict = {"command": "python benchmarks/fmnist_few_labels.py " + " ".join(sys.argv[1:]),
+                     "machine": {"platform": platform.platform(), "cpu": platform.processor(),
+                                 "torch": torch.__version__, "threads": torch.get_num_threads()},
+                     "rows": {}}
+    for name in args.recipes:
+        record = evaluate(EvalConfig(kind="finetune", run=args.run, epochs=args.epochs, out=str(out / name),
+                                     **RECIPES[name], **data))
+        results["rows"][name] = record
+    if args.scratch:
+        results["rows"]["scratch"] = evaluate(EvalConfig(kind="finetune", run=args.run, init="scratch",
+                                                         epochs=args.epochs, out=str(out / "scratch"), **data))
+    if args.compare:
+        results["compare"] = compare(CompareConfig(run=args.run, out=str(out / "compare"), epochs=args.epochs,
+                                                   **data))
+    results["wall_minutes"] = round((time.time() - started) / 60, 1)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(result, indent=2))
-    print("\n| seed | pre-trained | scratch |\n|---|---|---|")
-    for r in rows:
-        print(f"| {r['seed']} | {100 * r['pretrained']:.2f}% | {100 * r['scratch']:.2f}% |")
-    print(f"| mean ± sd | {100 * result['pretrained_mean']:.2f} ± {100 * result['pretrained_std']:.2f}% | "
-          f"{100 * result['scratch_mean']:.2f} ± {100 * result['scratch_std']:.2f}% |")
-    print(f"gain {result['gain_points']:+.2f} points; k-NN {100 * probes['knn']:.2f}%, "
-          f"linear {100 * probes['linear']:.2f}% (600 labels); pre-training {pre['minutes']:.1f} min, "
-          f"{pre['steps']} steps, {pre['img_per_s']:.0f} img/s")
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    print(markdown(results["rows"]))
+
+
+def markdown(rows: dict) -> str:
+    """Each draw, mean ± std per row; then each row's worst draw's train loss per epoch."""
+    names = list(rows)
+    seeds = rows[names[0]]["seeds"]
+    lines = ["| draw (seed) | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for i, seed in enumerate(seeds):
+        lines.append(f"| {seed} | " + " | ".join(f"{100 * rows[n]['top1_draws'][i]:.2f}%" for n in names) + " |")
+    lines.append("| mean ± std | " + " | ".join(
+        f"**{100 * rows[n]['top1']:.2f} ± {100 * rows[n]['top1_std']:.2f}%**" for n in names) + " |")
+    lines.append("| minutes (all draws) | " + " | ".join(f"{rows[n]['minutes']:.1f}" for n in names) + " |")
+    for n in names:
+        worst = min(rows[n]["per_draw"], key=lambda d: d["top1"])
+        curve = ", ".join(f"{x:.2f}" for x in worst.get("train_loss", []))
+        lines.append(f"\n{n}: worst draw seed {worst['seed']} ({100 * worst['top1']:.2f}%), train loss per epoch: "
+                     f"{curve}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

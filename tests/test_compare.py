@@ -78,3 +78,31 @@ def test_compare_from_the_command_line_rejects_row_options(tmp_path, capsys):
     code = main(["eval", "compare", "--run", str(tmp_path), "--lr", "1e-3"])
     assert code == 2 and "--lr" in capsys.readouterr().err
     assert main(["eval", "compare"]) == 2
+
+
+def test_demo_summary_keeps_the_old_keys_and_adds_draws_and_baselines(tmp_path):
+    from types import SimpleNamespace
+
+    from selfsight.demo import build_summary, format_table
+
+    record = tmp_path / "eval_finetune_600.json"
+    record.write_text(json.dumps({"num_test": 10000}))
+    keys = ("knn", "linear", "finetune", "raw_logreg", "raw_knn", "scratch_same", "scratch_cnn")
+    tops = (0.5, 0.68, 0.74, 0.777, 0.726, 0.60, 0.78)
+    rows = [{"key": k, "label": ROWS[k][0], "baseline": ROWS[k][2], "top1": t, "top1_std": 0.01,
+             "top1_draws": [t - 0.01, t, t + 0.01], "minutes": 1.0, "file": str(record)} for k, t in zip(keys, tops)]
+    result = {**summarize_rows(rows), "num_labels": 600, "draws": 3, "seeds": [0, 1, 2]}
+    cfg = SimpleNamespace(method="simmim", backbone="vit_tiny_patch16_224", backbone_opts={"img_size": 28})
+    pretrained = {"minutes": 8.0, "steps": 1000, "images_seen": 128000, "img_per_s": 266.0}
+    summary = build_summary(cfg, pretrained, tmp_path / "pretrain", result)
+    e = summary["eval"]
+    for key in ("labels", "test_images", "knn_top1", "linear_top1", "finetune_top1", "scratch_finetune_top1",
+                "finetune_minutes"):  # the keys of the old summary
+        assert key in e
+    assert e["draws"] == 3 and e["finetune_top1_std"] == 0.01 and e["test_images"] == 10000
+    assert summary["baselines"] == {"raw_logreg_top1": 0.777, "raw_knn_top1": 0.726, "scratch_same_top1": 0.60,
+                                    "scratch_cnn_top1": 0.78}
+    assert e["strongest_baseline"] == "scratch_cnn" and e["gain_over_strongest_points"] == pytest.approx(-4.0)
+    summary["eval"]["finetune_epochs"] = 20
+    text = format_table(summary, result)
+    assert "1000 steps" in text and "<- strongest baseline" in text and "20 epochs" in text

@@ -277,8 +277,8 @@ def test_finetune_through_api_from_scratch(fake_data, tmp_path):
                      device="cpu", out=str(tmp_path))
     record = evaluate(cfg)
     assert (tmp_path / "eval_finetune_scratch_8.json").is_file()
-    # scratch: no layer decay, a zero head (nothing pre-trained to preserve); the default 3 draws, tuned
-    assert record["hparams"]["layer_decay"] == 1.0 and record["hparams"]["head_init"] == "zero"
+    # scratch: a zero head (nothing pre-trained to preserve), lr 1e-3; the default 3 draws, tuned
+    assert record["hparams"]["layer_decay"] == 0.75 and record["hparams"]["head_init"] == "zero"
     assert record["steps"] == 4 and len(record["train_loss"]) == 2
     assert record["draws"] == 3 and record["tuned"] and len(record["per_draw"][0]["tuning"]) == 3
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from selfsight.errors import ConfigError
-from selfsight.eval.api import EvalConfig, evaluate, run_architecture, write_json
+from selfsight.eval.api import EvalConfig, build_scratch, evaluate, run_architecture, write_json
 from selfsight.eval.baselines import SCRATCH_CNN
 
 #: row key -> (label, EvalConfig options, baseline?)
@@ -61,10 +61,7 @@ class CompareConfig:
 def _eval_config(cfg: CompareConfig, key: str) -> EvalConfig:
     options = dict(ROWS[key][1])
     if key == "scratch_cnn":
-        from selfsight.backbones import Backbone
-
-        name, opts = run_architecture(cfg.run)
-        arch = Backbone(name, opts)
+        arch = build_scratch(*run_architecture(cfg.run), seed=0)  # only its input size and channels
         options["backbone"] = cfg.cnn
         options["backbone_opts"] = {"in_chans": arch.in_chans, "img_size": arch.img_size, **cfg.cnn_opts}
     tune = cfg.tune
