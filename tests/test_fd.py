@@ -285,3 +285,18 @@ def test_bf16_export_eval_and_diagnose(idx_dir, tmp_path, teacher_export):
     assert result["method"] == "fd"
     page = write_report([run], tmp_path / "report.html").read_text()
     assert "<td>fd</td>" in page  # the run's method in its facts table
+
+
+def test_teacher_flag_on_the_command_line(idx_dir, tmp_path, teacher_export, capsys):
+    from conftest import TINY_VIT_OPTS
+
+    from selfsight.cli import main
+    from selfsight.config import load_config
+
+    run = tmp_path / "cli"
+    args = ["pretrain", "--method", "fd", "--teacher", str(teacher_export), "--backbone", TINY_VIT[0],
+            *[a for opt in TINY_VIT_OPTS for a in ("--backbone-opt", opt)], "--data", f"{idx_dir}:train",
+            "--out", str(run), "--steps", "1", "--batch-size", "32", "--no-progress", "--device", "cpu",
+            "--precision", "fp32"]
+    assert main(args) == 0 and "done: 1 steps" in capsys.readouterr().out
+    assert load_config(run / "config.yaml").method_config.teacher == str(teacher_export.resolve())

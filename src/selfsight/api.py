@@ -36,6 +36,10 @@ SUPPORTED_BACKBONES: dict[str, str] = {
     "mocov2": "any timm backbone (ResNet as in the paper, ConvNeXt, ViT, Swin); pooled features",
     "mocov3": "any timm backbone; fits ViTs (the paper's)",
     "dino": "any timm backbone (ViT as in the paper: class token; CNNs: pooled features)",
+    "mae": "timm ViT (class/register tokens; not dynamic_img_size or patch_drop_rate); Swin: simmim, CNNs: spark",
+    "spark": "timm ResNet, ConvNeXt (stages from feature_info; img_size a multiple of 32); GroupNorm, SE/ECA refused",
+    "fd": "student: timm ViT or Swin; teacher (teacher=PATH): any selfsight run or export directory",
+    "pic": "any timm backbone; pooled features",
 }
 
 _PRETRAIN_OPTIONS = (

@@ -73,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the networks")
     p.add_argument("--logger", choices=["jsonl", "tensorboard"],
                    help="where metrics go (default: jsonl, metrics.jsonl)")
+    p.add_argument("--teacher", help="fd: the teacher, a selfsight run or export directory")
     p.add_argument(
         "overrides",
         nargs="*",
@@ -191,7 +192,7 @@ def _pretrain(args: argparse.Namespace) -> int:
         compile=args.compile,
         logger=args.logger,
         config=args.config,
-        overrides=args.overrides,
+        overrides=[*args.overrides, *([f"method.teacher={args.teacher}"] if args.teacher else [])],
         resume=args.resume,
         progress=not args.no_progress,
     )

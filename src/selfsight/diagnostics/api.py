@@ -173,12 +173,14 @@ def diagnose(
         result, reconstruction_note = reconstruct(run_dir, pixels[:shown], seed=seed, device=dev)
         if result is not None:
             figures["reconstructions"] = plots.plot_reconstructions(
-                result, out_dir / "reconstructions.png", title=title
+                result, out_dir / "reconstructions.png", title=f"{title}\n{result.label}"
             ).name
             reconstruction = {
                 "num_images": shown,
                 "mask_ratio": result.mask_ratio,
                 "masked_l1": result.masked_l1,
+                "loss": result.loss,
+                "prediction": result.label,
                 "columns": ["original", "masked input", "reconstruction"],
                 "shown": "prediction inside the masked patches, the original's visible pixels elsewhere",
             }
