@@ -106,3 +106,26 @@ def test_demo_summary_keeps_the_old_keys_and_adds_draws_and_baselines(tmp_path):
     summary["eval"]["finetune_epochs"] = 20
     text = format_table(summary, result)
     assert "1000 steps" in text and "<- strongest baseline" in text and "20 epochs" in text
+
+
+def test_eval_compare_end_to_end_from_the_command_line(idx_dir, tmp_path, capsys):
+    """A real (tiny) pre-training run and IDX data on disk, through `selfsight eval compare`."""
+    from conftest import TINY_VIT_OPTS
+
+    run = tmp_path / "run"
+    args = ["pretrain", "--backbone", "vit_tiny_patch16_224", "--data", f"{idx_dir}:train", "--out", str(run),
+            "--steps", "2", "--batch-size", "32", "--no-progress", "--device", "cpu"]
+    for opt in TINY_VIT_OPTS:
+        args += ["--backbone-opt", opt]
+    assert main(args) == 0
+    capsys.readouterr()
+    code = main(["eval", "compare", "--run", str(run), "--train-data", f"{idx_dir}:train", "--test-data",
+                 f"{idx_dir}:test", "--labels-per-class", "4", "--draws", "2", "--no-tune", "--epochs", "1",
+                 "--device", "cpu", "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 0 and "<- strongest baseline" in out and "scratch, resnet18" in out
+    saved = json.loads((run / "compare_16.json").read_text())
+    assert saved["draws"] == 2 and len(saved["rows"]) == len(ROWS)
+    assert all(len(row["top1_draws"]) == 2 for row in saved["rows"])
+    cnn = json.loads((run / "eval_finetune_scratch_resnet18_16.json").read_text())
+    assert cnn["backbone_opts"]["in_chans"] == 1 and cnn["img_size"] == 16 and not cnn["tuned"]
