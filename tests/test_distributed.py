@@ -38,7 +38,7 @@ from selfsight.errors import ConfigError
 from selfsight.losses import info_nce, nt_xent
 from selfsight.masking import simmim_mask
 
-METHODS = ["simclr", "mocov2", "simmim", "byol", "dino", "moby", "mocov3", "fd", "mae", "spark"]
+METHODS = ["simclr", "mocov2", "simmim", "byol", "dino", "moby", "mocov3", "fd", "mae", "spark", "pic"]
 STEPS = 6
 RTOL = 1e-4
 # SparK at lr 1e-4: at the default 1.5e-3 its 1-process and 2-process runs part by up to 6e-4 by step 5

@@ -2,11 +2,8 @@
 indices as labels, the classifier's memory check, the sliding-window scheduler (hand-computed, and that it
 slides through the whole data set, unlike the official sampler), and PIC in the engine.
 
-The engine as it is gives a method no image indices and streams epochs, not windows; ``IndexedTrainer``
-below is the engine with the change PIC asks for (each micro-step's image indices set on
-``method.batch_indices``; the batches drawn in ``method.batch_indexer``'s order), so resume, bf16 and
-export are checked through the engine's loop, checkpoints and schedule. Once the engine sets the indices
-itself, ``IndexedTrainer`` is the engine's own Trainer.
+In the engine (the engine sets each micro-step's image indices on ``method.batch_indices`` and draws the
+batches in ``method.batch_indexer``'s order): resume, bf16 and export.
 
 References: Cao et al. 2020 and the official ``bl0/PIC`` (``contrast/models/PIC.py``: logits
 ``normalize(f) @ normalize(W).T / T``, the small crops against ``W.detach()``; ``contrast/data/sampler.py``).
@@ -14,12 +11,9 @@ References: Cao et al. 2020 and the official ``bl0/PIC`` (``contrast/models/PIC.
 
 from __future__ import annotations
 
-import inspect
-import itertools
 import json
 import logging
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -30,7 +24,6 @@ from test_methods import TINY_CNN
 from selfsight.backbones import Backbone
 from selfsight.checkpoint import export_run, list_checkpoints, load_checkpoint, load_run_backbone
 from selfsight.config import build_config
-from selfsight.data.loader import BatchIndexer
 from selfsight.data.windows import WindowBatchIndexer, sliding_window
 from selfsight.engine import Trainer
 from selfsight.errors import ConfigError, TrainingError
@@ -204,29 +197,7 @@ def test_pic_asks_for_the_window_order_cut_to_the_data():
     assert make_pic(sliding_window=False).batch_indexer(256, 32, seed=0) is None
 
 
-# ---------------------------------------------------------------- in the engine (with the change PIC asks for)
-
-
-#: True once the engine sets ``method.batch_indices`` itself; then the tests below run the engine as it is
-ENGINE_PASSES_INDICES = "batch_indices" in inspect.getsource(Trainer._forward_backward)
-
-
-class _IndexedTrainer(Trainer):
-    """The engine with the data change PIC needs: the batches come in ``method.batch_indexer``'s order (or
-    the usual epochs) and each micro-step's image indices are set on ``method.batch_indices`` right before
-    its step (``_forward_backward`` takes the next batch, then calls the step)."""
-
-    def _batches(self, start_batch: int) -> Iterator[tuple[torch.Tensor, None]]:
-        args = (self.images.num_images, self.local_batch, self.cfg.seed)
-        indexer = self.method.batch_indexer(*args, self.rank, self.world) or BatchIndexer(
-            *args, rank=self.rank, world_size=self.world)
-        for batch in itertools.count(start_batch):
-            pixels, sources = self.images.load_batch(indexer.indices(batch))
-            self.method.batch_indices = sources.to(self.device)
-            yield pixels.to(self.device), None
-
-
-IndexedTrainer = Trainer if ENGINE_PASSES_INDICES else _IndexedTrainer
+# ---------------------------------------------------------------- in the engine
 
 
 def pic_config(idx_dir, out, **kw):
@@ -243,9 +214,9 @@ def losses(run) -> list[float]:
 
 def test_resume_repeats_losses(idx_dir, tmp_path):
     whole = tmp_path / "whole"
-    IndexedTrainer(pic_config(idx_dir, whole), progress=False).fit()
+    Trainer(pic_config(idx_dir, whole), progress=False).fit()
     cut = tmp_path / "cut"
-    trainer = IndexedTrainer(pic_config(idx_dir, cut), progress=False)
+    trainer = Trainer(pic_config(idx_dir, cut), progress=False)
     original_save = trainer.save
 
     class Stop(Exception):
@@ -260,7 +231,7 @@ def test_resume_repeats_losses(idx_dir, tmp_path):
     trainer.save = save_then_stop
     with pytest.raises(Stop):
         trainer.fit()
-    IndexedTrainer(pic_config(idx_dir, cut), resume=True, progress=False).fit()
+    Trainer(pic_config(idx_dir, cut), resume=True, progress=False).fit()
     assert losses(cut) == losses(whole)
     assert all(math.isfinite(v) for v in losses(whole))
     state = load_checkpoint(list_checkpoints(whole)[0])["model"]
@@ -269,7 +240,7 @@ def test_resume_repeats_losses(idx_dir, tmp_path):
 
 def test_bf16_export_and_report(idx_dir, tmp_path):
     run = tmp_path / "bf16"
-    summary = IndexedTrainer(pic_config(idx_dir, run, steps=2, precision="bf16"), progress=False).fit()
+    summary = Trainer(pic_config(idx_dir, run, steps=2, precision="bf16"), progress=False).fit()
     assert summary["skipped_steps"] == 0 and all(math.isfinite(v) for v in losses(run))
     backbone, info = load_run_backbone(run)
     assert info["method"] == "pic"

@@ -405,3 +405,14 @@ def test_pretrain_streams_shards_and_resumes_exactly(packed: Path, tmp_path: Pat
 
     assert len(losses(straight)) == 4
     assert losses(resumed) == losses(straight)
+
+
+def test_a_method_with_its_own_data_order_is_refused_on_shards(packed: Path) -> None:
+    """PIC's labels are positions in its sliding-window order, which shards (streamed in their own order) cannot
+    follow: a clear error naming the shards, not wrong labels."""
+    from selfsight.data.windows import WindowBatchIndexer
+
+    images = open_images(str(packed), 3, 8)
+    window = WindowBatchIndexer(images.num_images, 4, 0, 8, 4)
+    with pytest.raises(DataError, match="own order"):
+        make_batch_stream(images, 4, 0, indexer=window)

@@ -229,6 +229,8 @@ class Trainer:
             mean, std = resume_state["norm"]["mean"], resume_state["norm"]["std"]
         else:
             mean, std = self.images.mean_std()
+        if getattr(cfg.method_config, "num_images", 0) is None:  # PIC: one classifier row per training image
+            cfg.method_config.num_images = self.images.num_images
         self.method: Method = create_method(cfg.method, backbone, cfg.method_config, mean, std).to(self.device)
         channels_last = cfg.channels_last if cfg.channels_last is not None else backbone.family == "cnn"
         if channels_last:
@@ -329,7 +331,8 @@ class Trainer:
                 self._sync()
                 start = time.perf_counter()
             for micro in range(self.accum):
-                images, _ = next(batches)
+                images, _, indices = next(batches)
+                self._give_indices(method, indices)
                 with autocast, distributed.rank_share_of_draws():
                     out = method.training_step(images, step_generator(self.cfg.seed, micro))
                 (out.loss / self.accum).backward()
@@ -345,12 +348,14 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _batches(self, start_batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    def _batches(self, start_batch: int) -> Iterator[tuple[Any, torch.Tensor | None, torch.Tensor | None]]:
         """This rank's share of global batches start_batch, start_batch + 1, ... on the device (streamed
         from tar shards when the data is a shards folder, else indexed). On the CPU, the DataLoader workers
         of a lazily decoded set also build the views (``selfsight.data.worker_views``): the stream then
         yields PreparedViews, which ``Method.views`` hands back. Unreadable files met on the way are added
-        to ``self.images.skipped``; rank 0 rewrites run.json's ``data`` summary when that list grows."""
+        to ``self.images.skipped``; rank 0 rewrites run.json's ``data`` summary when that list grows. For methods
+        that read their images' data-set indices (int64 [B]; PIC), each batch comes with them, in the order the
+        method asks for (``batch_indexer``); for the others, None."""
         from functools import partial
 
         from selfsight.data.worker_views import worker_views_for
@@ -365,13 +370,29 @@ class Trainer:
             rank=self.rank,
             world_size=self.world,
             views=worker_views_for(self.method, self.device, partial(step_generator, self.cfg.seed)),
+            indexer=self._method_indexer(),
         )
+        wants_indices = hasattr(self.method, "batch_indices")
         known = len(self.images.skipped)
-        for images, labels in stream:
+        for batch, (images, labels) in enumerate(stream, start_batch):
             if len(self.images.skipped) != known and self.main:  # unreadable files met while training
                 known = len(self.images.skipped)
                 self._update_data_summary()
-            yield images.to(self.device, non_blocking=True), labels
+            indices = stream.batch_indices(batch) if wants_indices else None
+            yield images.to(self.device, non_blocking=True), labels, indices
+
+    def _method_indexer(self) -> Any:
+        """The data order the method asks for (``method.batch_indexer``: PIC's sliding window), or None for
+        the usual shuffled epochs."""
+        order = getattr(self.method, "batch_indexer", None)
+        if order is None:
+            return None
+        return order(self.images.num_images, self.local_batch, self.cfg.seed, self.rank, self.world)
+
+    def _give_indices(self, method: Method, indices: torch.Tensor | None) -> None:
+        """Methods whose labels are the images' data-set indices (PIC) read them from ``batch_indices``."""
+        if indices is not None:
+            method.batch_indices = indices.to(self.device, non_blocking=True)
 
     def _update_data_summary(self) -> None:
         """Rewrite run.json's ``data`` summary (counts and names of skipped files), atomically."""
@@ -507,7 +528,8 @@ class Trainer:
         losses, the last micro-batch's metrics). A non-finite loss stops the run (every rank sees it)."""
         loss_sum, extra = 0.0, {}
         for micro in range(self.accum):
-            images, _ = next(batches)
+            images, _, indices = next(batches)
+            self._give_indices(self.method, indices)
             generator = step_generator(self.cfg.seed, self.step * self.accum + micro)
             with self._no_sync(micro < self.accum - 1):
                 with autocast, distributed.rank_share_of_draws():

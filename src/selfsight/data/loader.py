@@ -17,6 +17,7 @@ uint8 images. Unreadable files a worker meets come back with the batch: the stre
 
 from __future__ import annotations
 
+import copy
 import itertools
 from collections.abc import Iterator
 
@@ -156,6 +157,7 @@ class BatchStream:
         rank: int = 0,
         world_size: int = 1,
         views: WorkerViews | None = None,
+        indexer: BatchIndexer | None = None,
     ) -> None:
         if batch_size < 1:
             raise DataError(f"batch size must be positive for {images.description}, got {batch_size}")
@@ -179,6 +181,8 @@ class BatchStream:
         self.world_size = world_size
         self.batches_per_epoch = images.num_images // (batch_size * world_size)
         self.views = views
+        self.indexer = indexer  # another order than epochs (PIC's sliding window), or None
+        self._cached_indexer: BatchIndexer | None = None
         self.bad_files: list[tuple[str, str]] = []
         self._bad_seen: set[int] = set()
 
@@ -196,6 +200,8 @@ class BatchStream:
                 self.bad_files.append((name, reason))
 
     def _indexer(self) -> BatchIndexer:
+        if self.indexer is not None:
+            return copy.deepcopy(self.indexer)
         return BatchIndexer(
             self.images.num_images, self.batch_size, self.seed, self.shuffle, self.rank, self.world_size
         )
@@ -203,7 +209,9 @@ class BatchStream:
     def batch_indices(self, batch: int) -> torch.Tensor:
         """int64 [B]: this rank's image indices of global batch `batch` (a pure function of seed, batch,
         rank and world size)."""
-        return self._indexer().indices(batch)
+        if self._cached_indexer is None:  # one indexer: its epoch permutation is drawn once, not every batch
+            self._cached_indexer = self._indexer()
+        return self._cached_indexer.indices(batch)
 
     def __iter__(self) -> Iterator[StreamBatch]:
         indexer = self._indexer()

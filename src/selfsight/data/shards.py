@@ -301,7 +301,13 @@ class ShardStream(BatchStream):
         world_size: int = 1,
         shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
         views: WorkerViews | None = None,
+        indexer: Any = None,
     ) -> None:
+        if indexer is not None:  # e.g. PIC's sliding window: its labels are positions in that order
+            raise DataError(
+                f"{images.description}: tar shards stream in their own order, and this method needs its own data "
+                "order (PIC's sliding window); train it on the image folder itself"
+            )
         if shuffle_buffer < 1:
             raise DataError(f"the shuffle buffer must hold at least one sample, got {shuffle_buffer}")
         super().__init__(images, batch_size, seed, start_batch, num_workers, pin_memory, shuffle,
