@@ -111,7 +111,7 @@ def test_unknown_backbone_and_simmim_on_cnn(tmp_path, idx_dir, capsys):
     assert_one_line_error(code, err, "unknown backbone 'vit_tinyy'")
     code, _, err = run_cli(["pretrain", "--backbone", "resnet18", "--backbone-opt", "in_chans=1",
                             "--data", f"{idx_dir}:train", "--out", str(tmp_path / "b"), "--steps", "1"], capsys)
-    assert_one_line_error(code, err, "SimMIM needs a ViT, Swin or SwinV2", "resnet18")
+    assert_one_line_error(code, err, "SimMIM needs a ViT, Swin or SwinV2", "resnet18", "--method spark")
 
 
 def test_resume_without_checkpoint(tmp_path, capsys):

@@ -31,6 +31,10 @@ def test_tensorboard_holds_the_logged_scalars_and_the_views(idx_dir, tmp_path):
     knn = [(r["step"], r["knn_monitor"]) for r in records if "knn_monitor" in r]
     assert [(e.step, round(e.value, 5)) for e in events.Scalars("monitor/knn")] == [(s, round(v, 5)) for s, v in knn]
     assert "views" in tags["images"] and (run / "views.png").is_file()
+    # SimMIM reconstructs: 8 images x (original | masked | reconstruction) at the start and at the end
+    reconstructions = events.Images("reconstructions")
+    assert [e.step for e in reconstructions] == [0, 4]
+    assert (reconstructions[0].height, reconstructions[0].width) == (8 * 16, 3 * 16)
 
 
 def test_missing_tensorboard_is_a_one_line_error(idx_dir, tmp_path, capsys, monkeypatch):

@@ -512,15 +512,32 @@ class Trainer:
         """DDP's ``no_sync`` for the micro-steps whose gradients are only accumulated (all but the last)."""
         return self.ddp.no_sync() if skip and self.ddp is not None else nullcontext()
 
-    def _log_views(self, logger: RunLogger) -> None:
-        """The grid of the views the method trains on (``RUN/views.png``) as a TensorBoard image at step 0."""
+    def _log_images(self, logger: RunLogger, at_start: bool) -> None:
+        """TensorBoard images: at the start the grid of the views the method trains on (also ``RUN/views.png``);
+        at the start and the end, for masked-image-modelling methods, reconstructions of 8 fixed images."""
         from PIL import Image
 
+        from selfsight.diagnostics.reconstruct import (
+            is_masked_image_modelling,
+            reconstruct_with,
+            reconstruction_grid,
+        )
         from selfsight.preview import write_view_grid
 
-        path = write_view_grid(self.images, self.method, self.cfg.seed, self.run_dir / "views.png")
-        with Image.open(path) as grid:
-            logger.image("views", np.asarray(grid), self.step)
+        if at_start:
+            path = write_view_grid(self.images, self.method, self.cfg.seed, self.run_dir / "views.png")
+            with Image.open(path) as grid:
+                logger.image("views", np.asarray(grid), self.step)
+        if not is_masked_image_modelling(self.cfg.method):
+            return
+        chosen = torch.randperm(self.images.num_images, generator=torch.Generator().manual_seed(self.cfg.seed))[:8]
+        self.method.eval()
+        try:
+            result, _ = reconstruct_with(self.method, self.images.get_batch(chosen.sort().values), self.cfg.seed)
+        finally:
+            self.step_module.train()
+        if result is not None:
+            logger.image("reconstructions", reconstruction_grid(result).numpy(), self.step)
 
     # --- one optimiser step -------------------------------------------------------------------
     def _forward_backward(self, batches: Iterator, autocast: Any) -> tuple[float, dict[str, float]]:
@@ -601,7 +618,7 @@ class Trainer:
                 logger.log(record)
 
         if logger is not None and logger.wants_images and self.step == 0:
-            self._log_views(logger)
+            self._log_images(logger, at_start=True)
         self.step_module.train()
         window_start, window_steps, start_step = time.perf_counter(), 0, self.step
         last_loss = float("nan")
@@ -673,6 +690,8 @@ class Trainer:
                     distributed.kill_for_fault_test(self.step)
                     if self.step % cfg.ckpt_every == 0 and self.step < self.total_steps:
                         self.save()
+                if logger is not None and logger.wants_images:
+                    self._log_images(logger, at_start=False)
             finally:
                 bar.close()
                 if logger is not None:

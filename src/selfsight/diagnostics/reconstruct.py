@@ -18,6 +18,7 @@ from selfsight.backbones import Backbone
 from selfsight.checkpoint import load_latest_checkpoint, read_run_info
 from selfsight.config import load_config
 from selfsight.eval.features import pixels_to_input
+from selfsight.methods.base import Method
 from selfsight.methods.simmim import masked_l1_loss
 from selfsight.registry import create_method, get_method_class
 
@@ -72,17 +73,24 @@ def reconstruct(
     method = create_method(cfg.method, Backbone(arch["name"], opts), cfg.method_config, info["mean"], info["std"])
     method.load_state_dict(state["model"])
     method.to(device).eval()
-    x = pixels_to_input(images, info["mean"], info["std"], device)
+    return reconstruct_with(method, images, seed)
+
+
+@torch.no_grad()
+def reconstruct_with(method: Method, images: torch.Tensor, seed: int = 0) -> tuple[Reconstruction | None, str | None]:
+    """``reconstruct`` with a method at hand (in eval mode, on its device; e.g. during training):
+    images uint8 [K, C, S, S] at the method's input size, masked with a mask drawn from ``seed``."""
+    mean_list, std_list = method.mean.flatten().tolist(), method.std.flatten().tolist()
+    x = pixels_to_input(images, mean_list, std_list, method.mean.device)
     mask = method.make_mask(x.shape[0], torch.Generator().manual_seed(seed), x.device)
     loss, prediction, pixel_mask = method(x, mask)
     if prediction.shape != x.shape:
-        return None, f"the {cfg.method} prediction has shape {list(prediction.shape)}, not that of the images"
+        return None, f"the {method.method_name} prediction has shape {list(prediction.shape)}, not that of the images"
     to_pixels = getattr(method, "to_pixels", None)
     if callable(to_pixels):  # per-patch normalised target: each patch de-normalised with its own mean and std
         prediction = to_pixels(x, prediction)
-    label = getattr(method, "reconstruction_label", f"{cfg.method} prediction")
-    mean = torch.tensor(info["mean"], device=x.device).view(1, -1, 1, 1)
-    std = torch.tensor(info["std"], device=x.device).view(1, -1, 1, 1)
+    label = getattr(method, "reconstruction_label", f"{method.method_name} prediction")
+    mean, std = method.mean.to(x.device), method.std.to(x.device)
     pixel_mask = pixel_mask.bool()
     weight = pixel_mask.unsqueeze(1)
     original = (x * std + mean).clamp(0, 1)
@@ -99,3 +107,10 @@ def reconstruct(
         label=label,
     )
     return result, None
+
+
+def reconstruction_grid(result: Reconstruction) -> torch.Tensor:
+    """uint8 [K * S, 3 * S, C]: one row per image: original | masked input | reconstruction."""
+    rows = torch.cat([result.original, result.masked, result.reconstruction], dim=3)  # [K, C, S, 3S]
+    grid = torch.cat(list(rows), dim=1)  # [C, K * S, 3S]
+    return (grid * 255).round().to(torch.uint8).permute(1, 2, 0)

@@ -13,10 +13,9 @@ blur 0.5 (the official ``MultiCrop`` transform). Small crops of one size go thro
 Image identity: ``training_step(images, generator)`` reads the data-set indices of this rank's images
 from ``self.batch_indices`` (int64 [B]), to be set by the engine before every micro-step; the step
 consumes it, so a batch without indices is refused instead of silently trained on stale labels. The
-number of images (the classifier's rows) is ``Config.num_images``, to be filled in by the engine from
-the data set (or given). Not yet: ``selfsight.engine`` hands a method its images only, so ``selfsight
-pretrain --method pic`` stops (without ``num_images=N`` when the method is built, with it at the first
-step); tests/test_pic.py's ``IndexedTrainer`` is the engine with the change it needs.
+engine sets them (in the order ``batch_indexer`` asks for) and fills ``Config.num_images`` (the
+classifier's rows) from the data set unless it is given. Tar shards stream in their own order and are
+refused for PIC: train it on the image folder itself.
 
 The sliding-window data scheduler is ``selfsight.data.windows``; ``batch_indexer`` gives the data stream
 the order PIC wants (window 131,072 images, stride 16,384: each image comes back in 8 consecutive
@@ -185,7 +184,7 @@ class PIC(Method):
         if indices is None:
             raise TrainingError(
                 "PIC needs the data-set index of every image of a batch, set on method.batch_indices before each "
-                "training_step; selfsight's engine does not pass them yet (see selfsight.methods.pic)"
+                "training_step (selfsight's engine does; a custom loop must too)"
             )
         if indices.shape != (batch,):
             raise TrainingError(f"batch_indices must be [{batch}], got {tuple(indices.shape)}")

@@ -85,7 +85,7 @@ class SimMIM(Method):
         if not backbone.supports_mask_token:
             raise ConfigError(
                 f"SimMIM needs a ViT, Swin or SwinV2 backbone (a mask token replaces patch embeddings); "
-                f"{backbone.name} is a {backbone.family} model"
+                f"{backbone.name} is a {backbone.family} model: for a CNN (ResNet, ConvNeXt) use --method spark"
             )
         super().__init__(backbone, config, mean, std)
         self.mask_patch_size = config.mask_patch_size or scaled_mask_patch_size(backbone.img_size, backbone.patch_size)
