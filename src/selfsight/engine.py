@@ -291,7 +291,8 @@ class Trainer:
         requested = self.cfg.precision
         if requested == "auto" and resume_state is not None:
             requested = resume_state.get("config", {}).get("precision", "auto")
-        choice, reason = resolve_precision(requested, self.device, self._time_one_step)
+        # a shorter probe than the --minutes planning's: 1 warm-up and 3 timed steps in each format
+        choice, reason = resolve_precision(requested, self.device, lambda p: self._time_one_step(p, warm=1, timed=3))
         self.cfg.precision = distributed.broadcast_object(choice)
         if self.main:
             slow = choice == "bf16" and self.device.type == "cpu" and not cpu_has_native_bf16()
