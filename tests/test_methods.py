@@ -40,6 +40,7 @@ SMALL = {
     # DINO: the last layer frozen for the first 3 steps of a run (engine tests run 6)
     "dino": {"out_dim": 64, "hidden_dim": 32, "bottleneck_dim": 16, "num_local_crops": 2, "freeze_last_layer_steps": 3},
     "pic": {"hidden_dim": 32, "feature_dim": 16, "num_small_crops": 2, "window_size": 128, "window_stride": 32},
+    "pixpro": {"proj_hidden_dim": 32, "proj_dim": 16, "pred_hidden_dim": 32},
 }
 
 

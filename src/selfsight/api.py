@@ -40,6 +40,7 @@ SUPPORTED_BACKBONES: dict[str, str] = {
     "spark": "timm ResNet, ConvNeXt (stages from feature_info; img_size a multiple of 32); GroupNorm, SE/ECA refused",
     "fd": "student: timm ViT or Swin; teacher (teacher=PATH): any selfsight run or export directory",
     "pic": "any timm backbone; pooled features",
+    "pixpro": "timm CNNs (the paper's ResNet C5), Swin (last stage), ViT (token grid); the last feature map",
 }
 
 _PRETRAIN_OPTIONS = (

@@ -465,6 +465,27 @@ def make_views(
     return views
 
 
+def make_views_with_params(
+    images: torch.Tensor,
+    specs: Sequence[ViewSpec],
+    mean: Sequence[float] | torch.Tensor,
+    std: Sequence[float] | torch.Tensor,
+    *,
+    generator: torch.Generator,
+) -> tuple[list[torch.Tensor], list[ViewParams]]:
+    """`make_views` that also returns each view's `ViewParams` (crop boxes [B, 4] as (left, top, width, height)
+    in source pixels, flips bool [B], ...), for methods that match positions across views (PixPro).
+
+    The views are `make_views`'s, bit for bit, and ``generator`` ends in the same state: the parameters are
+    drawn again from a copy of the generator's state before the views, in `make_views`'s order.
+    """
+    replay = torch.Generator()
+    replay.set_state(generator.get_state())
+    views = make_views(images, specs, mean, std, generator=generator)
+    params = [sample_view(images.shape[0], images.shape[2], images.shape[3], spec, generator=replay) for spec in specs]
+    return views, params
+
+
 def save_view_grid(
     images: torch.Tensor,
     views: Sequence[torch.Tensor],

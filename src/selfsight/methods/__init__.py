@@ -1,3 +1,3 @@
 """Built-in pre-training methods; importing this package registers them."""
 
-from selfsight.methods import byol, dino, fd, mae, moby, moco, pic, simclr, simmim, spark  # noqa: F401
+from selfsight.methods import byol, dino, fd, mae, moby, moco, pic, pixpro, simclr, simmim, spark  # noqa: F401
