@@ -487,3 +487,15 @@ def test_lp_ft_starts_from_the_probe_loss(monkeypatch):
     probe = finetune(tiny_backbone(), train, torch.arange(32), test, [0.4], [0.3], 4, head_init="probe", **options)
     assert zero.train_loss[0] == pytest.approx(math.log(4), abs=0.05)
     assert probe.train_loss[0] < zero.train_loss[0] - 0.3
+
+
+def test_scratch_recipes_by_family():
+    """Pre-trained: LP-FT; scratch ViT: zero head with layer decay; scratch CNN: zero head, no layer decay."""
+    pretrained = api.finetune_hparams(EvalConfig(kind="finetune", run="r"))
+    assert pretrained["head_init"] == "probe" and pretrained["lr"] == 3e-4 and pretrained["layer_decay"] == 0.75
+    vit = api.finetune_hparams(EvalConfig(kind="finetune", init="scratch"), "vit")
+    assert vit["head_init"] == "zero" and vit["lr"] == 1e-3 and vit["layer_decay"] == 0.75
+    cnn = api.finetune_hparams(EvalConfig(kind="finetune", init="scratch"), "cnn")
+    assert cnn["head_init"] == "zero" and cnn["layer_decay"] == 1.0
+    given = api.finetune_hparams(EvalConfig(kind="finetune", init="scratch", layer_decay=0.5), "cnn")
+    assert given["layer_decay"] == 0.5  # an option given is kept
