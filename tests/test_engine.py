@@ -326,6 +326,10 @@ def test_precision_probe_times_both_formats(idx_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(engine.Trainer, "_time_one_step", timed)
     trainer = Trainer(config(idx_dir, tmp_path / "probe", steps=2, precision="auto"))
     assert asked == ["fp32", "bf16"] and trainer.cfg.precision in ("fp32", "bf16")
+    # a --minutes budget plans from the probe's timing of the chosen format: no third timing
+    asked.clear()
+    trainer = Trainer(config(idx_dir, tmp_path / "probe_minutes", steps=None, minutes=0.5, precision="auto"))
+    assert asked == ["fp32", "bf16"] and trainer.total_steps >= 1
 
 
 def test_gradients_are_clipped_to_clip_grad(idx_dir, tmp_path):

@@ -262,6 +262,7 @@ class Trainer:
         self._consecutive_skips = 0
         self.start_time = time.perf_counter()  # reset when fit() starts
         self._speed_mark = (0, self.start_time)  # (step, time) from which a --minutes run measures its speed
+        self._probed_seconds: float | None = None  # seconds per step of the precision probe's choice
         self._choose_precision(resume_state)
         if resume_state is not None:
             self._load_state(resume_state)
@@ -291,8 +292,14 @@ class Trainer:
         requested = self.cfg.precision
         if requested == "auto" and resume_state is not None:
             requested = resume_state.get("config", {}).get("precision", "auto")
-        # a shorter probe than the --minutes planning's: 1 warm-up and 3 timed steps in each format
-        choice, reason = resolve_precision(requested, self.device, lambda p: self._time_one_step(p, warm=1, timed=3))
+        probed: dict[str, float] = {}
+
+        def probe(precision: str) -> float:  # shorter than the --minutes planning's: 1 warm-up, 3 timed steps
+            probed[precision] = self._time_one_step(precision, warm=1, timed=3)
+            return probed[precision]
+
+        choice, reason = resolve_precision(requested, self.device, probe)
+        self._probed_seconds = probed.get(choice)  # a --minutes plan starts from it instead of timing again
         self.cfg.precision = distributed.broadcast_object(choice)
         if self.main:
             slow = choice == "bf16" and self.device.type == "cpu" and not cpu_has_native_bf16()
@@ -308,7 +315,7 @@ class Trainer:
             return int(cfg.steps)
         if cfg.epochs is not None:
             return max(1, int(round(cfg.epochs * per_epoch)))
-        seconds = self._time_one_step()
+        seconds = self._probed_seconds or self._time_one_step()
         steps = max(1, int(cfg.minutes * 60 * 0.97 / seconds))
         if self.main:
             log.info("budget %.1f min: %.3f s per step measured, planning %d steps", cfg.minutes, seconds, steps)
