@@ -202,6 +202,11 @@ def _pretrain(args: argparse.Namespace) -> int:
         f"done: {summary['steps']} steps, {summary['images_seen']} images in {summary['minutes']:.1f} min "
         f"({summary['img_per_s']:.0f} img/s), final loss {summary['final_loss']:.4f}; run in {summary['run_dir']}"
     )
+    if summary.get("skipped_steps"):
+        print(f"{summary['skipped_steps']} steps had non-finite gradients and were skipped (see train.log)")
+    run = summary["run_dir"]
+    print(f"next: selfsight eval compare --run {run} --train-data LABELED --test-data TEST --labels-per-class N; "
+          f"selfsight export {run} --out DIR")
     return 0
 
 
