@@ -15,14 +15,22 @@ import torch.nn.functional as F
 from conftest import TINY_VIT
 from test_methods import SMALL, TINY_CNN, cnn_config
 
+from selfsight import distributed
 from selfsight.backbones import Backbone
 from selfsight.checkpoint import export_run, load_run_backbone
-from selfsight.data.views import ViewParams, ViewSpec, make_views, make_views_with_params, sample_view
-from selfsight.data.worker_views import worker_views_for
+from selfsight.data.views import ViewSpec, make_views, make_views_with_params, sample_view
+from selfsight.data.worker_views import PreparedViews, worker_views_for
 from selfsight.ema import cosine_momentum
 from selfsight.engine import Trainer, pretrain, step_generator
 from selfsight.errors import ConfigError
-from selfsight.methods.pixpro import PixelPropagation, PixPro, bin_centres, pixpro_loss, positive_pairs
+from selfsight.methods.pixpro import (
+    PixelPropagation,
+    PixPro,
+    bin_centres,
+    pixpro_loss,
+    positive_pairs,
+    view_geometry,
+)
 from selfsight.registry import create_method
 
 CNN64 = (TINY_CNN[0], {**TINY_CNN[1], "img_size": 64})  # a 2x2 feature map at stride 32
@@ -30,12 +38,10 @@ SWIN = ("swin_tiny_patch4_window7_224", {"img_size": 32, "patch_size": 2, "windo
                                          "embed_dim": 16, "depths": (1, 1, 2), "num_heads": (1, 2, 4)})
 
 
-def params(boxes, flip) -> ViewParams:
-    """ViewParams with only the geometry set (what positive_pairs reads)."""
+def params(boxes, flip) -> torch.Tensor:
+    """A view's geometry [B, 5] (left, top, width, height, flip), what positive_pairs reads."""
     boxes = torch.tensor(boxes, dtype=torch.float32).view(-1, 4)
-    flip = torch.tensor(flip, dtype=torch.bool).view(-1)
-    none = torch.zeros(len(flip), dtype=torch.bool)
-    return ViewParams(boxes, flip, none, None, none, none, torch.zeros(len(flip)), none)
+    return torch.cat([boxes, torch.tensor(flip, dtype=torch.float32).view(-1, 1)], dim=1)
 
 
 def make(backbone_spec=CNN64, **changes) -> PixPro:
@@ -112,7 +118,7 @@ def test_positive_pairs_match_the_official_formula_on_random_boxes():
     spec = ViewSpec(size=32, crop_scale=(0.08, 1.0), hflip_p=0.5)
     view_q = sample_view(16, 100, 100, spec, generator=generator)
     view_k = sample_view(16, 100, 100, spec, generator=generator)
-    mask = positive_pairs(view_q, view_k, 3, 3, pos_ratio=0.7)
+    mask = positive_pairs(view_geometry(view_q), view_geometry(view_k), 3, 3, pos_ratio=0.7)
     assert mask.shape == (16, 9, 9) and 0 < mask.sum() < mask.numel()
     for b in range(16):
         expected = official_positives(view_q.boxes[b].double().tolist(), bool(view_q.flip[b]),
@@ -194,7 +200,7 @@ def test_step_trains_the_online_network_on_the_feature_map(backbone_spec):
 def test_training_step_loss_is_the_two_directions_of_the_hand_checked_loss():
     method = make()
     out = method.training_step(images(), torch.Generator().manual_seed(2))
-    (x1, x2), (g1, g2) = method.views_with_params(images(), torch.Generator().manual_seed(2))
+    (x1, x2), (g1, g2) = method.views_with_geometry(images(), torch.Generator().manual_seed(2))
     with torch.no_grad():
         p1 = method.propagation(method.projector(method.backbone.forward_map(x1)))
         p2 = method.propagation(method.projector(method.backbone.forward_map(x2)))
@@ -220,11 +226,27 @@ def test_momentum_encoder_follows_the_cosine_schedule():
     assert PixPro.Config().base_momentum == 0.99 and PixPro.Config().pos_ratio == 0.7
 
 
-def test_workers_leave_the_views_to_the_training_process_and_other_families_are_refused(monkeypatch):
+@pytest.mark.parametrize("rank", [0, 1])
+def test_worker_built_views_carry_their_geometry_bit_for_bit(rank):
+    """What a DataLoader worker ships for rank ``rank`` of 2 (``WorkerViews.prepare``, as in
+    test_worker_views.py) gives the views, geometry, generator state and loss of the training process."""
     method = make()
-    assert worker_views_for(method, torch.device("cpu"), partial(step_generator, 0)) is None
-    views = method.views(images(), torch.Generator().manual_seed(1))
-    assert len(views) == 2 and views[0].shape == (8, 1, 64, 64)
+    batch = images(batch=8)[rank * 4:(rank + 1) * 4]
+    prepared = worker_views_for(method, torch.device("cpu"), partial(step_generator, 7)).prepare(batch, 3, rank, 2)
+    assert isinstance(prepared, PreparedViews)
+    with distributed.rank_share_of_draws(rank, 2):
+        here, there = step_generator(7, 3), step_generator(7, 3)
+        views, geometry = method.views_with_geometry(batch, here)
+        shipped_views, shipped_geometry = method.views_with_geometry(prepared, there)
+        assert all(torch.equal(a, b) for a, b in zip(views + geometry, shipped_views + shipped_geometry, strict=True))
+        assert torch.equal(here.get_state(), there.get_state())
+        assert geometry[0].shape == (4, 5) and len(views) == 2 and views[0].shape == (4, 1, 64, 64)
+        method.eval()  # running statistics: the two steps see the same function
+        loss = method.training_step(batch, step_generator(7, 3)).loss
+        assert torch.equal(loss, method.training_step(prepared, step_generator(7, 3)).loss)
+
+
+def test_other_families_are_refused(monkeypatch):
     backbone = Backbone(*CNN64)
     monkeypatch.setattr(backbone, "family", "other")
     with pytest.raises(ConfigError, match="feature map"):

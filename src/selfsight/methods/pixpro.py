@@ -19,8 +19,8 @@ a bias (``--pixpro-transform-layer 1``; ``transform_layers`` 0 is the identity, 
 view is encoded in its own pass (per-view BatchNorm statistics), as there. The momentum encoder keeps its
 own BatchNorm statistics. Departures: AdamW instead of LARS (lr 1.0 x batch / 256, weight decay 1e-5,
 100 epochs on ResNet-50); crop boxes in continuous source pixels instead of the official pixel-index
-coordinates normalised by (side - 1). Views come with their crop boxes, so the DataLoader workers do not
-build them (``views`` is overridden, so ``worker_views_for`` returns None).
+coordinates normalised by (side - 1). The views come with their geometry (crop box and flip): DataLoader
+workers that build them (``worker_view_maker``) ship it after the views.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from selfsight.backbones import Backbone
-from selfsight.data.views import ViewParams, make_views_with_params
+from selfsight.data.views import ViewParams, ViewSpec, make_views_with_params
 from selfsight.data.worker_views import PreparedViews
 from selfsight.ema import cosine_momentum, ema_update, make_momentum_copy
 from selfsight.errors import ConfigError
@@ -40,7 +40,8 @@ from selfsight.methods.base import Method, StepOutput
 from selfsight.methods.common import TwoViewOptions, embedding_std, full_precision
 from selfsight.registry import register_method
 
-__all__ = ["ConvMLP", "PixPro", "PixelPropagation", "bin_centres", "pixpro_loss", "positive_pairs"]
+__all__ = ["ConvMLP", "PixPro", "PixProViews", "PixelPropagation", "bin_centres", "pixpro_loss", "positive_pairs",
+           "view_geometry"]
 
 
 class ConvMLP(nn.Sequential):
@@ -94,18 +95,24 @@ def bin_centres(boxes: torch.Tensor, flip: torch.Tensor, height: int, width: int
     return grid.flatten(1, 2)
 
 
-def positive_pairs(params_q: ViewParams, params_k: ViewParams, height: int, width: int,
+def view_geometry(params: ViewParams) -> torch.Tensor:
+    """A view's crop boxes and flips as one float32 [B, 5] tensor: (left, top, width, height, flip 0 or 1)."""
+    return torch.cat([params.boxes.float(), params.flip.float().unsqueeze(1)], dim=1)
+
+
+def positive_pairs(geometry_q: torch.Tensor, geometry_k: torch.Tensor, height: int, width: int,
                    pos_ratio: float = 0.7) -> torch.Tensor:
     """float32 [B, HW, HW] on the CPU: 1 where cell i of view q and cell j of view k are a positive pair, i.e.
     the distance of their bin centres (``bin_centres``) is below ``pos_ratio`` times the larger of the two
-    views' bin diagonals."""
-    centre_q = bin_centres(params_q.boxes, params_q.flip, height, width)
-    centre_k = bin_centres(params_k.boxes, params_k.flip, height, width)
+    views' bin diagonals. geometry_q, geometry_k: [B, 5] (``view_geometry``)."""
+    geometry_q, geometry_k = geometry_q.detach().cpu(), geometry_k.detach().cpu()
+    centre_q = bin_centres(geometry_q[:, :4], geometry_q[:, 4] > 0.5, height, width)
+    centre_k = bin_centres(geometry_k[:, :4], geometry_k[:, 4] > 0.5, height, width)
 
     def diagonal(boxes: torch.Tensor) -> torch.Tensor:
         return torch.hypot(boxes[:, 2].double() / width, boxes[:, 3].double() / height)
 
-    scale = torch.maximum(diagonal(params_q.boxes), diagonal(params_k.boxes)).view(-1, 1, 1)
+    scale = torch.maximum(diagonal(geometry_q), diagonal(geometry_k)).view(-1, 1, 1)
     return (torch.cdist(centre_q, centre_k) / scale < pos_ratio).float()
 
 
@@ -121,6 +128,21 @@ def pixpro_loss(q: torch.Tensor, k: torch.Tensor, positives: torch.Tensor) -> to
     cosine = q.transpose(1, 2) @ k  # [B, HW, HW]
     per_image = (cosine * positives).sum(dim=(1, 2)) / (positives.sum(dim=(1, 2)) + 1e-6)
     return -2 * per_image.mean()
+
+
+@dataclass(frozen=True)
+class PixProViews:
+    """PixPro's views as DataLoader workers build them (a picklable ``ViewMaker``): ``make_views_with_params``
+    with fixed specs and normalisation (mean, std: float32 [1, C, 1, 1] on the CPU), returning the views
+    [B, C, s, s] followed by each view's ``view_geometry`` [B, 5]."""
+
+    specs: tuple[ViewSpec, ...]
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:
+        views, params = make_views_with_params(images, self.specs, self.mean, self.std, generator=generator)
+        return views + [view_geometry(p) for p in params]
 
 
 @register_method("pixpro")
@@ -163,26 +185,38 @@ class PixPro(Method):
             self.target_instance_projector = make_momentum_copy(self.instance_projector)
         self.view_specs = config.two_view_specs(backbone.img_size, backbone.in_chans)
 
-    def views_with_params(self, images: torch.Tensor, generator: torch.Generator
-                          ) -> tuple[list[torch.Tensor], list[ViewParams]]:
-        """The two normalised views [B, C, s, s] and their ViewParams (crop boxes, flips)."""
-        if isinstance(images, PreparedViews):
-            raise TypeError("pixpro needs its views' crop boxes: build its views in the training process")
-        return make_views_with_params(images, self.view_specs, self.mean, self.std, generator=generator)
+    def worker_view_maker(self) -> PixProViews:
+        """The recipe DataLoader workers run (see ``selfsight.data.worker_views``): views and their geometry."""
+        mean = self.mean.detach().to("cpu", torch.float32).clone()
+        std = self.std.detach().to("cpu", torch.float32).clone()
+        return PixProViews(tuple(self.view_specs), mean, std)
 
-    def views(self, images: torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:
-        """The two views, as ``Method.views`` (overridden so DataLoader workers leave PixPro's views alone)."""
-        return self.views_with_params(images, generator)[0]
+    def views_with_geometry(self, images: torch.Tensor | PreparedViews, generator: torch.Generator
+                            ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The two normalised views [B, C, s, s] and their ``view_geometry`` [B, 5] (crop boxes, flips).
+
+        images: uint8 [B, C, S, S], or the PreparedViews a DataLoader worker built with ``worker_view_maker``
+        (then ``generator`` is set to the state after the view draws, as ``Method.views`` does)."""
+        if isinstance(images, PreparedViews):
+            tensors = images.restore(generator)
+        else:
+            tensors = PixProViews(tuple(self.view_specs), self.mean, self.std)(images, generator)
+        count = len(self.view_specs)
+        return tensors[:count], tensors[count:]
+
+    def views(self, images: torch.Tensor | PreparedViews, generator: torch.Generator) -> list[torch.Tensor]:
+        """The two views [B, C, s, s], as ``Method.views``."""
+        return self.views_with_geometry(images, generator)[0]
 
     def training_step(self, images: torch.Tensor, generator: torch.Generator) -> StepOutput:
-        (x1, x2), (params1, params2) = self.views_with_params(images, generator)
+        (x1, x2), (geometry1, geometry2) = self.views_with_geometry(images, generator)
         feat1, feat2 = self.backbone.forward_map(x1), self.backbone.forward_map(x2)  # [B, D, h, w]
         proj1, proj2 = self.projector(feat1), self.projector(feat2)
         with torch.no_grad():
             target_feat1, target_feat2 = self.target_backbone.forward_map(x1), self.target_backbone.forward_map(x2)
             key1, key2 = self.target_projector(target_feat1), self.target_projector(target_feat2)
         height, width = proj1.shape[-2:]
-        pos12 = positive_pairs(params1, params2, height, width, self.config.pos_ratio).to(x1.device)
+        pos12 = positive_pairs(geometry1, geometry2, height, width, self.config.pos_ratio).to(x1.device)
         with full_precision(x1.device):
             pred1, pred2 = self.propagation(proj1.float()), self.propagation(proj2.float())
             loss = pixpro_loss(pred1, key2.float(), pos12) + pixpro_loss(pred2, key1.float(), pos12.transpose(1, 2))
