@@ -301,7 +301,7 @@ def evaluation(run: RunFacts) -> str:
         bars = [(_eval_label(e), 100 * e["top1"], 100 * float(e.get("top1_std") or 0.0),
                  "strongest" if e is strongest.get(e.get("num_labels")) else
                  "baseline" if _is_baseline(e) else "pretrained") for e in group]
-        png = plots.evaluation_png(bars, f"{labels:,} labels: top-1, error bars 1 std over draws")
+        png = plots.evaluation_png(bars, f"{labels:,} labels (hatched: strongest baseline)")
         if png is not None:
             figs.append(figure(png, f"evaluation with {labels} labels", show_caption=False))
     return "".join(figs) + table(
