@@ -2,8 +2,9 @@
 
 bf16 autocast pays where the hardware computes in bf16 natively and the model's operations are large
 enough to gain from it. Measured on a 2-core Intel Xeon with AVX-512 BF16 and AMX (fwd + bwd + AdamW,
-bf16 autocast against fp32; docs/benchmarks.md): ViT-S/16 and ResNet-50 at 224 px 2.0x faster, a narrow
-ResNet-18 at 42 px 1.35x, the demo's 1.2M-parameter ViT at 28 px 0.77x (slower). So ``auto``:
+bf16 autocast against fp32; ``benchmarks/precision.py``, docs/benchmarks.md): a narrow ResNet-18 at 42 px
+1.45x faster, the demo's 1.2M-parameter ViT at 28 px 0.73x (slower); with oneDNN held to AVX2 (no native
+bf16) 0.13x and 0.03x. So ``auto``:
 
 - CUDA: bf16 where the GPU supports it, else fp32;
 - a CPU with native bf16 (x86 ``avx512_bf16`` or ``amx_bf16``, Arm ``bf16``): a short timed probe of
