@@ -50,3 +50,23 @@ def idx_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         _write_idx(root / f"{split}-images-idx3-ubyte.gz", images)
         _write_idx(root / f"{split}-labels-idx1-ubyte.gz", labels)
     return root
+
+
+def stop_after_checkpoint(trainer, step: int) -> None:
+    """Run ``trainer`` (a ``selfsight.engine.Trainer``) until it has written its checkpoint at ``step``, then
+    stop it there, as a crash right after that checkpoint would."""
+
+    class Stop(Exception):
+        pass
+
+    original_save = trainer.save
+
+    def save_then_stop():
+        path = original_save()
+        if trainer.step == step:
+            raise Stop
+        return path
+
+    trainer.save = save_then_stop
+    with pytest.raises(Stop):
+        trainer.fit()

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from conftest import TINY_VIT
+from conftest import TINY_VIT, stop_after_checkpoint
 from safetensors.torch import save_file
 from test_methods import TINY_CNN
 
@@ -220,20 +220,7 @@ def losses(run: Path) -> list[float]:
 
 def run_cut_at_3(cfg) -> None:
     trainer = Trainer(cfg, progress=False)
-    original_save = trainer.save
-
-    class Stop(Exception):
-        pass
-
-    def save_then_stop():
-        path = original_save()
-        if trainer.step == 3:
-            raise Stop
-        return path
-
-    trainer.save = save_then_stop
-    with pytest.raises(Stop):
-        trainer.fit()
+    stop_after_checkpoint(trainer, 3)
 
 
 def test_resume_repeats_losses_and_checkpoints_hold_no_teacher(idx_dir, tmp_path, teacher_export):

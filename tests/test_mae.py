@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from conftest import TINY_VIT
+from conftest import TINY_VIT, stop_after_checkpoint
 from safetensors.torch import load_file
 
 from selfsight.backbones import Backbone
@@ -52,20 +52,7 @@ def resumed_losses_match(make_config, tmp_path: Path) -> None:
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     pretrain(make_config(whole), progress=False)
     trainer = Trainer(make_config(cut), progress=False)
-    original_save = trainer.save
-
-    class Stop(Exception):
-        pass
-
-    def save_then_stop():
-        path = original_save()
-        if trainer.step == 3:
-            raise Stop
-        return path
-
-    trainer.save = save_then_stop
-    with pytest.raises(Stop):
-        trainer.fit()
+    stop_after_checkpoint(trainer, 3)
     pretrain(make_config(cut), resume=True, progress=False)
     assert len(losses(whole)) == 6
     assert losses(cut) == losses(whole)

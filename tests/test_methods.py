@@ -15,7 +15,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import TINY_VIT
+from conftest import TINY_VIT, stop_after_checkpoint
 
 from selfsight.backbones import Backbone
 from selfsight.checkpoint import export_run, load_run_backbone
@@ -290,20 +290,7 @@ def test_resume_repeats_losses_with_queues_and_centres(idx_dir, tmp_path, name):
     cut = tmp_path / "cut"
     trainer = Trainer(cnn_config(idx_dir, cut, name))
     trainer.total_steps = 6
-    original_save = trainer.save
-
-    class Stop(Exception):
-        pass
-
-    def save_then_stop():
-        path = original_save()
-        if trainer.step == 3:
-            raise Stop
-        return path
-
-    trainer.save = save_then_stop
-    with pytest.raises(Stop):
-        trainer.fit()
+    stop_after_checkpoint(trainer, 3)
     pretrain(cnn_config(idx_dir, cut, name), resume=True, progress=False)
 
     def losses(run):

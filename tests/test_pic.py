@@ -18,7 +18,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_VIT
+from conftest import TINY_VIT, stop_after_checkpoint
 from test_methods import TINY_CNN
 
 from selfsight.backbones import Backbone
@@ -217,20 +217,7 @@ def test_resume_repeats_losses(idx_dir, tmp_path):
     Trainer(pic_config(idx_dir, whole), progress=False).fit()
     cut = tmp_path / "cut"
     trainer = Trainer(pic_config(idx_dir, cut), progress=False)
-    original_save = trainer.save
-
-    class Stop(Exception):
-        pass
-
-    def save_then_stop():
-        path = original_save()
-        if trainer.step == 3:
-            raise Stop
-        return path
-
-    trainer.save = save_then_stop
-    with pytest.raises(Stop):
-        trainer.fit()
+    stop_after_checkpoint(trainer, 3)
     Trainer(pic_config(idx_dir, cut), resume=True, progress=False).fit()
     assert losses(cut) == losses(whole)
     assert all(math.isfinite(v) for v in losses(whole))

@@ -12,7 +12,7 @@ from functools import partial
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_VIT
+from conftest import TINY_VIT, stop_after_checkpoint
 from test_methods import SMALL, TINY_CNN, cnn_config
 
 from selfsight import distributed
@@ -268,20 +268,7 @@ def test_resume_repeats_losses_bit_for_bit(idx_dir, tmp_path):
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     pretrain(pixpro_config(idx_dir, whole), progress=False)
     trainer = Trainer(pixpro_config(idx_dir, cut), progress=False)
-    original_save = trainer.save
-
-    class Stop(Exception):
-        pass
-
-    def save_then_stop():
-        path = original_save()
-        if trainer.step == 3:
-            raise Stop
-        return path
-
-    trainer.save = save_then_stop
-    with pytest.raises(Stop):
-        trainer.fit()
+    stop_after_checkpoint(trainer, 3)
     pretrain(pixpro_config(idx_dir, cut), resume=True, progress=False)
     assert len(losses(whole)) == 6 and losses(cut) == losses(whole)
     assert all(-4 <= v <= 4 for v in losses(whole))
