@@ -87,11 +87,14 @@ def sample_coins(batch_size: int, p: float, *, generator: torch.Generator) -> to
     return torch.rand(rows, generator=generator)[mine] < p
 
 
-def apply_where(x: torch.Tensor, chosen: torch.Tensor, op: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+def apply_where(
+    x: torch.Tensor, chosen: torch.Tensor, op: Callable[[torch.Tensor], torch.Tensor], *, in_place: bool = False
+) -> torch.Tensor:
     """op on the samples where chosen is True, the others unchanged. x: [B, ...]; chosen: bool [B] (CPU).
 
     op gets only the chosen samples, [N, ...] in batch order, and returns that shape.
     No device sync when chosen is on the CPU.
+    ``in_place``: write the chosen samples back into x (which the caller owns), no copy of the others.
     """
     chosen = chosen.cpu()
     if not bool(chosen.any()):
@@ -99,18 +102,8 @@ def apply_where(x: torch.Tensor, chosen: torch.Tensor, op: Callable[[torch.Tenso
     if bool(chosen.all()):
         return op(x)
     index = chosen.nonzero().squeeze(1).to(x.device)
-    return x.index_copy(0, index, op(x.index_select(0, index)))
-
-
-def _apply_where_(x: torch.Tensor, chosen: torch.Tensor, op: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """`apply_where` writing the chosen samples back into x (which the caller owns): no copy of the others."""
-    chosen = chosen.cpu()
-    if not bool(chosen.any()):
-        return x
-    if bool(chosen.all()):
-        return op(x)
-    index = chosen.nonzero().squeeze(1).to(x.device)
-    return x.index_copy_(0, index, op(x.index_select(0, index)))
+    copy = x.index_copy_ if in_place else x.index_copy
+    return copy(0, index, op(x.index_select(0, index)))
 
 
 def _per_sample(values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -411,11 +404,15 @@ def apply_view(x: torch.Tensor, params: ViewParams, spec: ViewSpec) -> torch.Ten
     if bool(params.jitter_on.any()):
         view = params.jitter.only(params.jitter_on).apply_(view)
     if view.shape[1] != 1:
-        view = _apply_where_(view, params.grayscale_on, grayscale)
+        view = apply_where(view, params.grayscale_on, grayscale, in_place=True)
     kernel_size = blur_kernel_size(spec.blur_sigma[1], spec.size, spec.size)
     sigma = params.blur_sigma[params.blur_on]
-    view = _apply_where_(view, params.blur_on, lambda chosen: gaussian_blur(chosen, sigma, kernel_size).clamp_(0, 1))
-    return _apply_where_(view, params.solarize_on, lambda chosen: solarize(chosen, spec.solarize_threshold))
+    view = apply_where(
+        view, params.blur_on, lambda chosen: gaussian_blur(chosen, sigma, kernel_size).clamp_(0, 1), in_place=True
+    )
+    return apply_where(
+        view, params.solarize_on, lambda chosen: solarize(chosen, spec.solarize_threshold), in_place=True
+    )
 
 
 def make_view(x: torch.Tensor, spec: ViewSpec, *, generator: torch.Generator) -> torch.Tensor:
