@@ -68,7 +68,8 @@ def engine_steps(trainer: Trainer, batches: Iterator, first: int, count: int, ti
             for group in trainer.optimizer.param_groups:
                 group["lr"] = cfg.optim.lr * factor * group.get("lr_scale", 1.0)
         with phase("data"):
-            images, _ = next(batches)
+            images, _, indices = next(batches)
+            trainer._give_indices(trainer.method, indices)
         with phase("training_step"), autocast:
             out = trainer.method.training_step(images, step_generator(cfg.seed, step))
         with phase("loss.item"):
@@ -92,7 +93,7 @@ def time_views(trainer: Trainer, batches: Iterator, first: int, count: int) -> f
     method = trainer.method
     start = time.perf_counter()
     for step in range(first, first + count):
-        images, _ = next(batches)
+        images = next(batches)[0]
         generator = step_generator(trainer.cfg.seed, step)
         views = method.views(images, generator)
         if hasattr(method, "make_mask"):

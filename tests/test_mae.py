@@ -163,9 +163,15 @@ def test_sincos_decoder_embedding_is_fixed_and_follows_mae():
 
 
 def test_decoder_defaults_paper_for_wide_encoders_smaller_otherwise():
+    # the tiny test ViT is 32 wide: the decoder's floor of 32 wide, one block, one head
     small = MAE(Backbone(*TINY_VIT), MAE.Config(), [0.5], [0.25])
-    assert small.decoder_embed.out_features == 256 and len(small.decoder_blocks) == 4
-    assert small.decoder_blocks[0].attn.num_heads == 8
+    assert small.decoder_embed.out_features == 32 and len(small.decoder_blocks) == 1
+    assert small.decoder_blocks[0].attn.num_heads == 1
+    # a 128-wide ViT (the demo's width): half its width, 64, two heads
+    opts = {**TINY_VIT[1], "embed_dim": 128, "num_heads": 4, "depth": 1}
+    half = MAE(Backbone(TINY_VIT[0], opts), MAE.Config(), [0.5], [0.25])
+    assert half.decoder_embed.out_features == 64 and half.decoder_blocks[0].attn.num_heads == 2
+    assert half.decoder_pred.out_features == 4 * 4 * 1
 
 
 @pytest.mark.parametrize("name,opts,hint", [
