@@ -490,7 +490,8 @@ def test_lp_ft_starts_from_the_probe_loss(monkeypatch):
 
 
 def test_scratch_recipes_by_family():
-    """Pre-trained: LP-FT; scratch ViT: zero head with layer decay; scratch CNN: zero head, no layer decay."""
+    """Pre-trained ViT: LP-FT; pre-trained CNN: LP-FT at lr 1e-3 without layer decay; scratch ViT: zero head with
+    layer decay; scratch CNN: zero head, no layer decay."""
     pretrained = api.finetune_hparams(EvalConfig(kind="finetune", run="r"))
     assert pretrained["head_init"] == "probe" and pretrained["lr"] == 3e-4 and pretrained["layer_decay"] == 0.75
     vit = api.finetune_hparams(EvalConfig(kind="finetune", init="scratch"), "vit")
@@ -499,3 +500,8 @@ def test_scratch_recipes_by_family():
     assert cnn["head_init"] == "zero" and cnn["layer_decay"] == 1.0
     given = api.finetune_hparams(EvalConfig(kind="finetune", init="scratch", layer_decay=0.5), "cnn")
     assert given["layer_decay"] == 0.5  # an option given is kept
+    # a pre-trained CNN: the probe-first head, the scratch CNN's lr and no layer decay
+    pre_cnn = api.finetune_hparams(EvalConfig(kind="finetune", run="r"), "cnn")
+    assert pre_cnn["head_init"] == "probe" and pre_cnn["lr"] == 1e-3 and pre_cnn["layer_decay"] == 1.0
+    pre_cnn_lr = api.finetune_hparams(EvalConfig(kind="finetune", run="r", lr=2e-4), "cnn")
+    assert pre_cnn_lr["lr"] == 2e-4 and pre_cnn_lr["layer_decay"] == 1.0

@@ -25,6 +25,8 @@ from selfsight.sparse import SparseBatchNorm2d, SparseState, unsupported_modules
 RESNET = ("resnet18", {"in_chans": 1, "img_size": 64, "channels": (8, 16, 16, 32)})
 CONVNEXT = ("convnext_atto", {"in_chans": 1, "img_size": 64, "dims": (8, 16, 16, 32), "depths": (1, 1, 1, 1)})
 CONVNEXT_LINEAR = ("convnext_atto", {**CONVNEXT[1], "conv_mlp": False})  # LayerNorm and Linear on NHWC maps
+# output_stride 8: the last two stages dilated at reduction 8, a 4x4 grid at 32 px (the demo's layout)
+RESNET_OS8 = ("resnet18", {"in_chans": 1, "img_size": 32, "channels": (8, 16, 16, 32), "output_stride": 8})
 SMALL = {"decoder_width": 32}
 
 
@@ -91,7 +93,8 @@ def test_mask_keeps_round_of_the_visible_fraction():
     assert mask.shape == (8, 2, 2) and (mask.flatten(1).sum(1) == 2).all()
 
 
-@pytest.mark.parametrize("spec", [RESNET, CONVNEXT, CONVNEXT_LINEAR], ids=["resnet", "convnext", "convnext-linear"])
+@pytest.mark.parametrize("spec", [RESNET, CONVNEXT, CONVNEXT_LINEAR, RESNET_OS8],
+                         ids=["resnet", "convnext", "convnext-linear", "resnet-dilated"])
 def test_masked_pixels_cannot_leak_into_the_encoder(spec):
     torch.manual_seed(0)
     model = make(spec).train()  # batch statistics: the sparse BatchNorm must ignore masked pixels too
@@ -99,19 +102,29 @@ def test_masked_pixels_cannot_leak_into_the_encoder(spec):
         for param in model.backbone.parameters():
             if param.ndim == 1:
                 param.normal_()
-    x = torch.randn(4, 1, 64, 64)
+    size, ratio, cells = spec[1]["img_size"], model.ratio, model.grid[0]
+    x = torch.randn(4, 1, size, size)
     mask = model.make_mask(4, torch.Generator().manual_seed(1), x.device)
     active = ~mask.unsqueeze(1)
-    pixel_mask = mask.repeat_interleave(32, 1).repeat_interleave(32, 2).unsqueeze(1)
+    pixel_mask = mask.repeat_interleave(ratio, 1).repeat_interleave(ratio, 2).unsqueeze(1)
     changed = torch.where(pixel_mask, torch.randn_like(x) * 9 + 5, x)
     maps, other = model.encode(x, active), model.encode(changed, active)
-    assert [m.shape[-1] for m in maps] == [2, 4, 8, 16]  # smallest first
+    assert [m.shape[-1] for m in maps] == [size // 4 // 2**k for k in range(len(maps))][::-1]  # smallest first
     for a, b in zip(maps, other, strict=True):
         assert torch.allclose(a, b, atol=1e-5)
-        hidden = (~active).repeat_interleave(a.shape[-1] // 2, 2).repeat_interleave(a.shape[-1] // 2, 3)
+        hidden = (~active).repeat_interleave(a.shape[-1] // cells, 2).repeat_interleave(a.shape[-1] // cells, 3)
         assert torch.equal(a * hidden, torch.zeros_like(a))  # masked positions stay exactly zero
     visible_changed = torch.where(pixel_mask, x, 3 * x + 1)
     assert not torch.allclose(model.encode(visible_changed, active)[-1], maps[-1], atol=1e-3)
+
+
+def test_dilated_resnet_reads_the_deepest_stage_of_each_reduction():
+    """output_stride 16: layer3 and layer4 both at reduction 16; SparK reads layer1, layer2 and layer4."""
+    backbone = Backbone("resnet18", {**RESNET_OS8[1], "img_size": 48, "output_stride": 16})
+    model = SparK(backbone, SparK.Config(**SMALL), [0.5], [0.25])
+    assert [int(backbone.model.feature_info[i]["reduction"]) for i in model.level_indices] == [4, 8, 16]
+    assert backbone.model.feature_info[model.level_indices[-1]]["module"] == "layer4"
+    assert model.grid == (3, 3) and model.num_kept == 4  # round(9 * 0.4)
 
 
 def test_loss_reads_masked_patches_only_and_equals_the_formula():

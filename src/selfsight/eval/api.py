@@ -30,7 +30,13 @@ from selfsight.engine import resolve_device
 from selfsight.errors import ConfigError
 from selfsight.eval.baselines import pixel_features
 from selfsight.eval.features import extract_features
-from selfsight.eval.finetune import FINETUNE_DEFAULTS, SCRATCH_CNN_LAYER_DECAY, SCRATCH_DEFAULTS, finetune
+from selfsight.eval.finetune import (
+    FINETUNE_DEFAULTS,
+    PRETRAINED_CNN_OVERRIDES,
+    SCRATCH_CNN_LAYER_DECAY,
+    SCRATCH_DEFAULTS,
+    finetune,
+)
 from selfsight.eval.knn import knn_scores, top1
 from selfsight.eval.linear import LINEAR_DEFAULTS, linear_probe
 from selfsight.eval.splits import draw_seeds, few_label_indices, validation_split
@@ -232,10 +238,13 @@ def finetune_hparams(cfg: EvalConfig, family: str = "vit") -> dict[str, Any]:
 
     A CNN from scratch gets no layer decay (``SCRATCH_CNN_LAYER_DECAY``): measured on Fashion-MNIST,
     ResNet-18 lost about 3 points with 0.75, where the ViT from scratch needs it (docs/benchmarks.md).
+    A pre-trained CNN keeps LP-FT's head but takes lr 1e-3 and no layer decay
+    (``PRETRAINED_CNN_OVERRIDES``, measured the same way).
     """
     hparams = dict(FINETUNE_DEFAULTS if cfg.init == "pretrained" else SCRATCH_DEFAULTS)
-    if cfg.init != "pretrained" and family == "cnn":
-        hparams["layer_decay"] = SCRATCH_CNN_LAYER_DECAY
+    if family == "cnn":
+        hparams.update(PRETRAINED_CNN_OVERRIDES if cfg.init == "pretrained"
+                       else {"layer_decay": SCRATCH_CNN_LAYER_DECAY})
     chosen = {"epochs": cfg.epochs, "lr": cfg.lr, "layer_decay": cfg.layer_decay, "head_init": cfg.head_init,
               "batch_size": cfg.batch_size, "weight_decay": cfg.weight_decay}
     hparams.update({k: v for k, v in chosen.items() if v is not None})

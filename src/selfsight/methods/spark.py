@@ -100,17 +100,24 @@ class LightDecoder(nn.Module):
 
 
 def feature_levels(backbone: Backbone) -> list[int]:
-    """Indices into ``feature_info`` of the stages SparK reads, deepest last: reductions 4, 8, ..., R."""
+    """Indices into ``feature_info`` of the stages SparK reads, deepest last: reductions 4, 8, ..., R.
+
+    Where several stages share a reduction (a timm ResNet built with ``output_stride=16`` or ``8`` runs its
+    last stages dilated, at the same resolution), the deepest of them is read: R is then 16 or 8, so small
+    images get a finer mask grid (48 px: 3 x 3 cells at R = 16 instead of 1 x 1 at R = 32)."""
     info = backbone.model.feature_info
     ratio = backbone.encoder_stride
     if ratio & (ratio - 1):
         raise ConfigError(f"SparK needs a power-of-two downsample ratio; {backbone.name} has {ratio}")
-    indices = [i for i, f in enumerate(info) if int(f["reduction"]) >= 4]
-    reductions = [int(info[i]["reduction"]) for i in indices]
-    expected = [ratio // 2**k for k in range(len(indices))][::-1]
+    deepest: dict[int, int] = {}
+    for i, f in enumerate(info):
+        if int(f["reduction"]) >= 4:
+            deepest[int(f["reduction"])] = i  # a later stage at the same reduction replaces an earlier one
+    reductions = sorted(deepest)
+    expected = [4 * 2**k for k in range(max(1, round(math.log2(max(ratio, 4))) - 1))]
     if reductions != expected:
         raise ConfigError(f"SparK needs stages at reductions 4, 8, ..., {ratio}; {backbone.name} has {reductions}")
-    return indices
+    return [deepest[r] for r in reductions]
 
 
 def check_spark_backbone(backbone: Backbone) -> None:
