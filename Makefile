@@ -1,5 +1,5 @@
 # selfsight: two commands that work on a fresh machine.
-#   make demo   set up, then pre-train on Fashion-MNIST, compare with scratch on 600 labels, write an HTML report
+#   make demo   set up, then pre-train on Fashion-MNIST (SparK, no labels), compare with every baseline on 600 labels, write an HTML report
 #   make test   set up, then run the test suite (~2-3 min on 2 cores)
 
 PYTHON ?= python3
@@ -8,7 +8,9 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist
-DEMO_STEPS ?= 1000
+# make demo DEMO_METHOD=simmim runs the earlier ViT demo; DEMO_STEPS=N changes the pre-training steps
+DEMO_METHOD ?= spark
+DEMO_STEPS ?=
 
 .PHONY: setup data demo test lint clean
 
@@ -33,7 +35,7 @@ data:
 	fi
 
 demo: setup data
-	$(VENV)/bin/selfsight demo --out runs/demo --steps $(DEMO_STEPS)
+	$(VENV)/bin/selfsight demo --out runs/demo --method $(DEMO_METHOD) $(if $(DEMO_STEPS),--steps $(DEMO_STEPS))
 
 # the report test opens the HTML report in headless Chromium (Debian's chromium, installed here when missing)
 test: setup

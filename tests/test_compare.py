@@ -129,3 +129,22 @@ def test_eval_compare_end_to_end_from_the_command_line(idx_dir, tmp_path, capsys
     assert all(len(row["top1_draws"]) == 2 for row in saved["rows"])
     cnn = json.loads((run / "eval_finetune_scratch_resnet18_16.json").read_text())
     assert cnn["backbone_opts"]["in_chans"] == 1 and cnn["img_size"] == 16 and not cnn["tuned"]
+
+
+def test_demo_presets_build_and_match_the_command_line():
+    """Every `selfsight demo --method` choice is a preset (the first the default) whose method accepts its backbone,
+    and the default SparK preset masks a grid finer than one cell (the dilated narrow ResNet-18 at 32 px)."""
+    import torch
+
+    from selfsight.backbones import Backbone
+    from selfsight.cli import DEMO_METHODS
+    from selfsight.demo import DEMO_METHOD, DEMO_PRESETS
+    from selfsight.methods.spark import SparK
+
+    assert DEMO_METHODS == list(DEMO_PRESETS) and DEMO_METHODS[0] == DEMO_METHOD == "spark"
+    preset = DEMO_PRESETS["spark"]
+    backbone = Backbone(preset.backbone, preset.backbone_opts)
+    method = SparK(backbone, SparK.Config(), [0.5], [0.25])
+    assert backbone.encoder_stride == 8 and method.grid == (4, 4) and method.num_kept == 6  # round(16 * 0.4)
+    out = method.training_step(torch.rand(2, 1, 32, 32), torch.Generator().manual_seed(0))
+    assert torch.isfinite(out.loss)
