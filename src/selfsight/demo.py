@@ -51,7 +51,7 @@ DEMO_PRESETS: dict[str, DemoPreset] = {
         # its last two stages dilated (output_stride=8) so SparK masks a 4 x 4 grid of 8-px cells
         backbone_opts={"in_chans": 1, "img_size": 32, "channels": (32, 64, 128, 256), "layers": (1, 1, 1, 1),
                        "output_stride": 8},
-        why="masked image modeling on a small CNN: the backbone that beats the baselines on a CPU budget",
+        why="masked image modeling on a small CNN, the backbone that pays off on a CPU budget",
     ),
     "simmim": DemoPreset(
         method="simmim", steps=1000, finetune_epochs=15,
@@ -168,7 +168,7 @@ def format_table(summary: dict[str, Any], result: dict[str, Any]) -> str:
         f"{p['method']} on {p['backbone']}: {p['steps']} steps, {p['images_seen']} images, {p['minutes']:.1f} min "
         f"({p['img_per_s']:.0f} img/s)",
         f"Fashion-MNIST test ({e['test_images']} images), {e['labels']} labels per draw, "
-        f"fine-tuning {e.get('finetune_epochs')} epochs, not tuned (the demo's budget; docs/evaluation.md has "
+        f"fine-tuning {e.get('finetune_epochs')} epochs, not tuned (tuning costs about 3.4x; docs/evaluation.md has "
         "the full protocol):",
         format_compare(result),
     ]
