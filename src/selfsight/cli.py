@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--method", choices=DEMO_METHODS, default=DEMO_METHODS[0],
                    help="spark (default): SparK on a narrow ResNet-18 at 32 px, the measured winner; simmim: "
                    "SimMIM on a 1.2M-parameter ViT (the earlier demo)")
-    demo_budget.add_argument("--steps", type=int, help="pre-training steps (default: the method's, above)")
+    demo_budget.add_argument("--steps", type=int, help="pre-training steps (default 1000 for both methods)")
     demo_budget.add_argument("--minutes", type=float, help="pre-training budget in minutes instead of steps")
     d.add_argument("--labels-per-class", type=int, default=60)
     d.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX folder")
