@@ -8,9 +8,11 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist
-# make demo DEMO_METHOD=simmim runs the earlier ViT demo; DEMO_STEPS=N changes the pre-training steps
+# make demo DEMO_METHOD=simmim runs the earlier ViT demo; DEMO_STEPS=N changes the pre-training steps;
+# DEMO_SEED=N repeats the whole demo with another seed (pre-training and label draws N, N+1, N+2)
 DEMO_METHOD ?= spark
 DEMO_STEPS ?=
+DEMO_SEED ?= 0
 
 .PHONY: setup data demo test lint clean
 
@@ -35,7 +37,7 @@ data:
 	fi
 
 demo: setup data
-	$(VENV)/bin/selfsight demo --out runs/demo --method $(DEMO_METHOD) $(if $(DEMO_STEPS),--steps $(DEMO_STEPS))
+	$(VENV)/bin/selfsight demo --out runs/demo --method $(DEMO_METHOD) --seed $(DEMO_SEED) $(if $(DEMO_STEPS),--steps $(DEMO_STEPS))
 
 # the report test opens the HTML report in headless Chromium (Debian's chromium, installed here when missing)
 test: setup

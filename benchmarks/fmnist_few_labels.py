@@ -16,7 +16,11 @@ For each recipe (``old``: zero head, lr 1e-3, layer decay 0.75, the default befo
 ``--draws`` labeled subsets (seeds 0, 1, ...; 60 labels per class by default) and scored on the whole
 test set. ``--scratch`` adds the run's architecture fine-tuned from random weights (scratch recipe)
 on the same draws; ``--compare`` runs ``selfsight eval compare`` (every baseline; k-NN, linear probes and
-the raw-pixel rows tuned, as in the demo). Fine-tunes are not tuned unless ``--tune``: each then costs
+the raw-pixel rows tuned, as in the demo). ``--reuse-scratch OUT`` takes the from-scratch rows from an
+earlier OUT of this script instead of fine-tuning them again, each only where it was measured the same
+way (the same backbone, or for the scratch CNN the same input; the same data, draws, labels per class,
+epochs and tuning): they do not depend on the pre-training, so SimMIM and MAE on the same ViT share them.
+Fine-tunes are not tuned unless ``--tune``: each then costs
 about 3.4 times as much. Writes OUT/results.json and prints a
 markdown table with each draw, mean ± std, and the train-loss curve of each recipe's worst draw.
 """
@@ -58,6 +62,9 @@ def main() -> None:
     parser.add_argument("--scratch", action="store_true", help="also fine-tune the architecture from scratch")
     parser.add_argument("--compare", action="store_true", help="also run eval compare (all baselines)")
     parser.add_argument("--tune", action="store_true", help="tune the fine-tuning lr on a validation split")
+    parser.add_argument("--reuse-scratch", metavar="OUT", default=None,
+                        help="take the from-scratch rows (same backbone; the scratch CNN) from an earlier OUT of this "
+                             "script where they were measured the same way (see above)")
     parser.add_argument("--data-dir", default=DEFAULT_DATA_DIR)
     parser.add_argument("--out", default=None, help="default RUN/few_labels")
     args = parser.parse_args()
@@ -79,11 +86,17 @@ def main() -> None:
         record = evaluate(EvalConfig(kind="finetune", run=args.run, epochs=args.epochs, out=str(out / name),
                                      **RECIPES[name], **data))
         results["rows"][name] = record
-    if args.scratch:
+    earlier = earlier_scratch(args.reuse_scratch, results["rows"]["lpft"]) if args.reuse_scratch else {}
+    for key, record in earlier.items():
+        print(f"reusing {key} from {record['path']} (same architecture, input, draws, labels, epochs)")
+    if "scratch" in earlier and args.scratch:
+        results["rows"]["scratch"] = earlier["scratch"]
+    elif args.scratch:
         results["rows"]["scratch"] = evaluate(EvalConfig(kind="finetune", run=args.run, init="scratch",
                                                          epochs=args.epochs, out=str(out / "scratch"), **data))
     if args.compare:  # the fine-tunes above are compare's rows "finetune" (lpft) and "scratch_same": not twice
-        reuse = {"finetune": results["rows"].get("lpft"), "scratch_same": results["rows"].get("scratch")}
+        reuse = {"finetune": results["rows"].get("lpft"), "scratch_same": results["rows"].get("scratch"),
+                 "scratch_cnn": earlier.get("scratch_cnn")}
         rows = tuple(key for key in ROWS if reuse.get(key) is None)
         # the cheap rows (k-NN, probes, raw pixels) tuned as in the demo; the fine-tunes tuned only with --tune
         result = compare(CompareConfig(run=args.run, out=str(out / "compare"), epochs=args.epochs, rows=rows,
@@ -103,6 +116,32 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
     print(markdown(results["rows"]))
+
+
+def earlier_scratch(out: str, like: dict) -> dict[str, dict]:
+    """The from-scratch records of an earlier OUT that were measured as this run's would be: ``scratch``
+    when its architecture equals ``like``'s (this run's LP-FT record), ``scratch_cnn`` when its input does;
+    both only with the same data, label draws, labels per class, epochs and tuning. Scratch fine-tunes do
+    not depend on the pre-training, so two runs of the same architecture share them."""
+    earlier = json.loads((Path(out) / "results.json").read_text())
+    protocol = ("train_data", "test_data", "labels_per_class", "seeds", "img_size", "tuned")
+
+    def same_protocol(record: dict) -> bool:
+        return (all(record.get(k) == like.get(k) for k in protocol)
+                and record["hparams"]["epochs"] == like["hparams"]["epochs"]
+                and record["backbone_opts"].get("in_chans") == like["backbone_opts"].get("in_chans"))
+
+    found = {}
+    scratch = earlier["rows"].get("scratch")
+    if scratch and same_protocol(scratch) and (scratch["backbone"], scratch["backbone_opts"]) == (
+            like["backbone"], like["backbone_opts"]):
+        found["scratch"] = scratch
+    cnn_row = next((row for row in earlier.get("compare", {}).get("rows", []) if row["key"] == "scratch_cnn"), None)
+    if cnn_row and cnn_row.get("file") and Path(cnn_row["file"]).is_file():
+        cnn = json.loads(Path(cnn_row["file"]).read_text())
+        if same_protocol(cnn):
+            found["scratch_cnn"] = {**cnn, "path": cnn_row["file"]}
+    return found
 
 
 def pretrain_first(args: argparse.Namespace) -> None:

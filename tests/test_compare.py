@@ -148,3 +148,29 @@ def test_demo_presets_build_and_match_the_command_line():
     assert backbone.encoder_stride == 8 and method.grid == (4, 4) and method.num_kept == 6  # round(16 * 0.4)
     out = method.training_step(torch.rand(2, 1, 32, 32), torch.Generator().manual_seed(0))
     assert torch.isfinite(out.loss)
+
+
+def test_demo_seed_reaches_the_pre_training_and_the_label_draws(idx_dir, tmp_path, monkeypatch):
+    """`selfsight demo --seed 3` pre-trains with seed 3 and draws labels 3, 4, 5: an independent repeat (the
+    pre-training, comparison, diagnostics and report are stubbed; only what the demo hands them is checked)."""
+    import selfsight.demo as demo
+    from selfsight.cli import main
+
+    seen = {}
+
+    def fake_pretrain(cfg, resume=False):
+        seen["pretrain_seed"] = cfg.seed
+        return {"steps": 1, "minutes": 0.0, "images_per_sec": 1.0}
+
+    def fake_compare(cfg):
+        seen["compare_seed"] = cfg.seed
+        raise RuntimeError("stop after the comparison's config")
+
+    monkeypatch.setattr(demo, "pretrain", fake_pretrain)
+    monkeypatch.setattr(demo, "compare", fake_compare)
+    with pytest.raises(RuntimeError, match="stop after"):
+        main(["demo", "--out", str(tmp_path / "d"), "--data-dir", str(idx_dir), "--seed", "3", "--steps", "1"])
+    assert seen == {"pretrain_seed": 3, "compare_seed": 3}
+    with pytest.raises(RuntimeError, match="stop after"):
+        main(["demo", "--out", str(tmp_path / "e"), "--data-dir", str(idx_dir), "--steps", "1"])
+    assert seen == {"pretrain_seed": 0, "compare_seed": 0}

@@ -140,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--labels-per-class", type=int, default=60)
     d.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX folder")
     d.add_argument("--device", default="auto")
+    d.add_argument("--seed", type=int, default=0,
+                   help="seeds the pre-training and the label draws (seed, seed+1, ...): another seed repeats the "
+                   "whole demo independently")
 
     v = sub.add_parser("views", help="write a grid of the views a method trains on")
     v.add_argument("data", help="images: folder, IDX folder[:train|:test] or CIFAR folder")
@@ -298,6 +301,7 @@ def _demo(args: argparse.Namespace) -> int:
         data_dir=args.data_dir,
         device=args.device,
         method=args.method,
+        seed=args.seed,
     )
     return 0
 

@@ -74,8 +74,11 @@ def run_demo(
     finetune_epochs: int | None = None,
     draws: int = DEMO_DRAWS,
     method: str = DEMO_METHOD,
+    seed: int = 0,
 ) -> dict[str, Any]:
-    """Pre-train (or resume/reuse ``out/pretrain``), evaluate, print a table, write ``out/summary.json``."""
+    """Pre-train (or resume/reuse ``out/pretrain``), evaluate, print a table, write ``out/summary.json``.
+    ``seed`` seeds the pre-training and the first label draw (draws ``seed``, ``seed + 1``, ...): a second
+    seed is an independent repeat of the whole demo."""
     if method not in DEMO_PRESETS:
         raise ConfigError(f"the demo runs one of {', '.join(DEMO_PRESETS)}, not {method!r}")
     preset = DEMO_PRESETS[method]
@@ -89,7 +92,7 @@ def run_demo(
         None, None, method=preset.method, **backbone, data=f"{data_dir}:train", out=str(run), device=device,
         # a step budget, not minutes: on a slow or busy machine 8 minutes gave 433 steps, too few to beat scratch
         **({"minutes": minutes} if minutes is not None else {"steps": steps or preset.steps}),
-        monitor_data=f"{data_dir}:test",
+        monitor_data=f"{data_dir}:test", seed=seed,
     )
     if (run / "pretrain.json").is_file():
         print(f"reusing the finished pre-training in {run} (delete it to train again)")
@@ -105,7 +108,7 @@ def run_demo(
     result = compare(CompareConfig(  # k-NN and the probes tuned (cheap), the fine-tunes at their defaults
         run=str(run), train_data=f"{data_dir}:train", test_data=f"{data_dir}:test",
         labels_per_class=labels_per_class, draws=draws, tune_finetune=False, epochs=epochs,
-        device=device, out=str(out), progress=True,
+        device=device, out=str(out), progress=True, seed=seed,
     ))
     summary = build_summary(cfg, pretrained, run, result)
     summary["eval"]["finetune_epochs"] = epochs
