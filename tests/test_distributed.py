@@ -335,3 +335,26 @@ def worker(spec_path: str) -> None:
 
 if __name__ == "__main__":
     worker(sys.argv[1])
+
+
+def test_nccl_gets_one_gpu_per_process(monkeypatch):
+    """Under torchrun on CUDA each process takes cuda:LOCAL_RANK; one GPU named for every process of a machine,
+    or more processes than GPUs, is refused before NCCL (which says only "Duplicate GPU detected", as seen on
+    the H200 of docs/benchmarks.md) with what to do instead. CUDA is faked: only the device choice is checked."""
+    from selfsight.engine import training_device
+    from selfsight.errors import ConfigError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    for key, value in (("WORLD_SIZE", "2"), ("LOCAL_WORLD_SIZE", "2"), ("LOCAL_RANK", "1")):
+        monkeypatch.setenv(key, value)
+    assert training_device("cuda") == torch.device("cuda", 1)
+    with pytest.raises(ConfigError, match="one GPU per process: give --device cuda "):
+        training_device("cuda:0")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ConfigError, match=r"1 found, 2 processes started.*--nproc_per_node=1"):
+        training_device("cuda")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # one process per machine (several machines): its choice stands
+    assert training_device("cuda:0") == torch.device("cuda", 0)
+    monkeypatch.setenv("WORLD_SIZE", "1")  # not distributed: untouched
+    assert training_device("cuda") == torch.device("cuda")

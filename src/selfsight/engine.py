@@ -20,6 +20,7 @@ import copy
 import json
 import logging
 import math
+import os
 import random
 import signal
 import sys
@@ -83,10 +84,27 @@ def resolve_device(name: str) -> torch.device:
 
 
 def training_device(name: str) -> torch.device:
-    """``resolve_device``; under torchrun a bare ``cuda`` becomes this process's GPU, ``cuda:LOCAL_RANK``."""
+    """``resolve_device``; under torchrun a bare ``cuda`` becomes this process's GPU, ``cuda:LOCAL_RANK``.
+
+    NCCL takes one GPU per process: several processes of one machine on one GPU, or a process whose GPU
+    does not exist, are refused here with what to do instead (NCCL itself says "Duplicate GPU detected" or
+    "invalid device ordinal")."""
     device = resolve_device(name)
-    if device.type == "cuda" and device.index is None and distributed.env_world() > 1:
-        device = torch.device("cuda", distributed.local_rank())
+    if device.type != "cuda" or distributed.env_world() <= 1:
+        return device
+    per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if device.index is not None:
+        if per_machine > 1:
+            raise ConfigError(f"--device {name} puts all {per_machine} processes of this machine on one GPU, and "
+                              "NCCL needs one GPU per process: give --device cuda (each process then takes "
+                              "cuda:LOCAL_RANK)")
+        return device
+    device = torch.device("cuda", distributed.local_rank())
+    count = torch.cuda.device_count()
+    if device.index >= count:
+        raise ConfigError(f"process {device.index} of this machine has no GPU of its own: {count} found, "
+                          f"{per_machine} processes started; NCCL needs one GPU per process "
+                          f"(torchrun --nproc_per_node={count})")
     return device
 
 
