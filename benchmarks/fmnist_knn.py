@@ -42,7 +42,7 @@ from selfsight.eval.knn import knn_scores, top1
 from selfsight.eval.linear import LINEAR_DEFAULTS, linear_probe
 from selfsight.eval.splits import few_label_indices
 
-METHODS = ("moby", "byol", "mocov2", "simclr", "dino")
+METHODS = ("moby", "byol", "mocov2", "simclr", "dino", "pixpro", "pic")
 PEER_METHODS = ("byol", "simclr")  # the methods benchmarks/peer_lightly.py implements
 
 # Per-method overrides (key=value, as on the command line), applied before the command line's own.
@@ -63,6 +63,11 @@ RECIPES: dict[str, list[str]] = {
     "simclr": [CROPS, "method.proj_hidden_dim=1024"],
     "dino": [CROPS, "lr=5e-4", "optim.weight_decay=0.04", "method.num_local_crops=4", "method.hidden_dim=1024",
              "method.out_dim=4096", "method.base_momentum=0.99"],
+    # PixPro reads the last feature map: 2 x 2 cells at 42 px on this backbone (stride 32), so each view has 4
+    # pixels and positive pairs are whole quarter-images; the same crops and head width as the others
+    "pixpro": [CROPS, "method.proj_hidden_dim=1024", "method.pred_hidden_dim=1024"],
+    # PIC: one class per training image (60,000), its multi-crop (1 large, 3 small crops) and sliding window
+    "pic": [CROPS, "method.hidden_dim=1024"],
 }
 
 DEFAULT_BACKBONE = "resnet18"
