@@ -105,7 +105,8 @@ def main() -> None:
         for key in ROWS:
             if reuse.get(key) is not None:
                 record = reuse[key]
-                merged.append({"key": key, "label": ROWS[key][0].format(cnn=record["backbone"]), "baseline": ROWS[key][2], "top1": record["top1"],
+                label = ROWS[key][0].format(cnn=record["backbone"])
+                merged.append({"key": key, "label": label, "baseline": ROWS[key][2], "top1": record["top1"],
                                "top1_std": record["top1_std"], "top1_draws": record["top1_draws"],
                                "minutes": record["minutes"], "file": record.get("path")})
             else:
